@@ -1,0 +1,40 @@
+"""ckptmap: load pretrained PyTorch checkpoints into changed architectures, by rules.
+
+import ckptmap
+report = ckptmap.load_into(model, "resnet18.pt", 'strip "module."\ninit "fc"')
+"""
+
+from .apply import load_into, migrate
+from .compile import Program, compile
+from .errors import (
+    CheckpointError,
+    CkptmapError,
+    LoadError,
+    PlanError,
+    RuleCompileError,
+    RuleSyntaxError,
+)
+from .plan import Plan
+from .report import Report
+from .rules import Ruleset
+from .syntax import load_rules, parse
+from .version import __version__
+
+__all__ = [
+    "CheckpointError",
+    "CkptmapError",
+    "LoadError",
+    "Plan",
+    "PlanError",
+    "Program",
+    "Report",
+    "RuleCompileError",
+    "RuleSyntaxError",
+    "Ruleset",
+    "__version__",
+    "compile",
+    "load_into",
+    "load_rules",
+    "migrate",
+    "parse",
+]

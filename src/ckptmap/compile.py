@@ -1,0 +1,255 @@
+"""Compiler: a Ruleset becomes a reusable, checked `Program` (like `re.compile`).
+
+The passes run in order: splice includes, then compile every pattern and
+target once. Every error points at the span of the rule that caused it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import RuleCompileError, Span, line_of
+from .patterns import Matcher, PatternError, Template
+from .rules import (
+    Freeze,
+    Include,
+    Init,
+    Pattern,
+    Policy,
+    Prefix,
+    Rename,
+    Ruleset,
+    Skip,
+    Statement,
+    Strip,
+    Unfreeze,
+    quote,
+    regex_literal,
+)
+from .syntax import load_rules, parse
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+RulesLike = "Ruleset | Program | str | Path"
+DEFAULT_POLICIES = {"mismatch": "error", "missing": "error", "unexpected": "error"}
+
+SKIP = object()  # what a `skip` step returns for a key it drops
+
+
+@dataclass(frozen=True, eq=False)
+class Rule:
+    """One compiled statement: its number in the program, canonical text, span, matcher."""
+
+    id: int
+    node: Statement
+    matcher: Matcher | None = None
+    template: Template | None = None
+
+    @property
+    def text(self) -> str:
+        return self.node.to_text()
+
+    @property
+    def span(self) -> Span | None:
+        return self.node.span
+
+    def step(self, name: str) -> Any:
+        """Apply a pipeline statement to a key: the new name, SKIP, or None when it does not match."""
+        node = self.node
+        if isinstance(node, Strip):
+            return name[len(node.prefix) :] if name.startswith(node.prefix) else None
+        if isinstance(node, Prefix):
+            return node.prefix + name
+        m = self.matcher.match(name)  # type: ignore[union-attr]
+        if m is None:
+            return None
+        if isinstance(node, Skip):
+            return SKIP
+        new = self.template.render(m.captures)  # type: ignore[union-attr]
+        return new + m.rest if new else m.rest.removeprefix(".")
+
+    def matches(self, name: str) -> bool:
+        return self.matcher is not None and self.matcher.match(name) is not None
+
+    def where(self) -> str:
+        """`rename "a" -> "b" (rules.ckmap:3:1)`: the rule as people read it."""
+        return f"{self.text} ({self.span})" if self.span else self.text
+
+
+class Program:
+    """Compiled, checked rules; `plan(source, target)` binds them to concrete keys."""
+
+    def __init__(self, ruleset: Ruleset, rules: tuple[Rule, ...]):
+        self.ruleset = ruleset
+        self.rules = rules
+        self.steps = tuple(r for r in rules if isinstance(r.node, (Strip, Prefix, Rename, Skip)))
+        self.inits = tuple(r for r in rules if isinstance(r.node, Init))
+        self.trainability = tuple(r for r in rules if isinstance(r.node, (Freeze, Unfreeze)))
+        self.policies = dict(DEFAULT_POLICIES)
+        for r in rules:
+            if isinstance(r.node, Policy):  # the last word on a problem wins, like sed
+                self.policies[r.node.problem] = r.node.action
+        self.fingerprint = "sha256:" + hashlib.sha256(self.to_text().encode()).hexdigest()
+
+    def to_text(self) -> str:
+        """The program as canonical rule text, includes spliced in."""
+        return Ruleset(rules=tuple(r.node for r in self.rules)).to_text()
+
+    def plan(
+        self,
+        source: Any,
+        target: Any = None,
+        *,
+        on_mismatch: str | None = None,
+        on_missing: str | None = None,
+        on_unexpected: str | None = None,
+    ) -> Plan:
+        """Bind the rules to a source (and optionally a target): names, shapes and dtypes only.
+
+        `source` and `target` may be a state_dict, a `{name: shape}` mapping, an
+        `nn.Module` or a checkpoint path. Per-call policies override the rules'.
+        """
+        from .plan import build_plan, describe
+
+        policies = dict(self.policies)
+        for problem, action in (
+            ("mismatch", on_mismatch),
+            ("missing", on_missing),
+            ("unexpected", on_unexpected),
+        ):
+            if action is not None:
+                Policy(problem, action)  # validates the word
+                policies[problem] = action
+        target_desc = describe(target, role="target") if target is not None else None
+        return build_plan(self, describe(source, role="source"), target_desc, policies)
+
+    def __repr__(self) -> str:
+        return f"<Program {len(self.rules)} rules {self.fingerprint[:19]}>"
+
+
+# --- passes --------------------------------------------------------------------------------
+
+
+def splice_includes(
+    ruleset: Ruleset, stack: tuple[Path, ...] = ()
+) -> Iterator[tuple[Statement, str | None]]:
+    """Every statement (with its file's text), `include` replaced by the included statements."""
+    base = Path(ruleset.file).parent if ruleset.file else Path.cwd()
+    if not stack and ruleset.file:
+        stack = (Path(ruleset.file).resolve(),)
+    for statement in ruleset.rules:
+        if not isinstance(statement, Include):
+            yield statement, ruleset.text
+            continue
+        here = ruleset.text
+        folder = base.resolve()
+        path = (folder / statement.path).resolve()
+        if not path.is_relative_to(folder):
+            raise _error(
+                "CKM205",
+                f"include {statement.path!r} reaches outside the folder of the including file",
+                statement.span,
+                here,
+                hint=f"included files must be under {folder}",
+            )
+        if path in stack:
+            chain = " -> ".join(p.name for p in (*stack, path))
+            raise _error("CKM204", f"include cycle: {chain}", statement.span, here)
+        if not path.is_file():
+            raise _error("CKM206", f"included file not found: {path}", statement.span, here)
+        yield from splice_includes(load_rules(path), (*stack, path))
+
+
+def compile_rule(number: int, statement: Statement, text: str | None = None) -> Rule:
+    """Build the matcher and target template of one statement, checking captures."""
+    pattern: Pattern | None = getattr(statement, "pattern", None)
+    if pattern is None:
+        return Rule(number, statement)
+    try:
+        matcher = Matcher(pattern.text, pattern.regex)
+    except PatternError as e:
+        raise _pattern_error(e, pattern, statement, text) from None
+    template = None
+    if isinstance(statement, Rename):
+        try:
+            template = Template(statement.target)
+        except PatternError as e:
+            raise _target_error(e, statement, text, e.message) from None
+        for name, offset in template.refs:
+            if name not in matcher.names:
+                bound = ", ".join(f"{{{n}}}" for n in sorted(matcher.names, key=_capture_order))
+                e = PatternError("", offset)
+                raise _target_error(
+                    e,
+                    statement,
+                    text,
+                    f"capture {{{name}}} is used in the target but the pattern never binds it",
+                    code="CKM202",
+                    hint=f"the pattern binds {bound}" if bound else "the pattern binds no captures",
+                )
+    return Rule(number, statement, matcher, template)
+
+
+def _capture_order(name: str) -> tuple[int, int | str]:
+    return (0, int(name)) if name.isdigit() else (1, name)
+
+
+def compile(rules: Any) -> Program:
+    """Compile rules (a Ruleset, a Program, DSL text or a rule file Path) into a Program."""
+    if isinstance(rules, Program):
+        return rules
+    if isinstance(rules, Path):
+        rules = load_rules(rules)
+    elif isinstance(rules, str):
+        rules = parse(rules)
+    elif not isinstance(rules, Ruleset):
+        raise TypeError(
+            f"rules must be a Ruleset, a Program, rule text or a Path, not {type(rules).__name__}"
+        )
+    statements = list(splice_includes(rules))
+    return Program(rules, tuple(compile_rule(i, s, t) for i, (s, t) in enumerate(statements)))
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def _error(
+    code: str, message: str, span: Span | None, text: str | None, hint=None, details=()
+) -> RuleCompileError:
+    line_text = line_of(text, span.line) if span else None
+    return RuleCompileError(
+        message, code=code, span=span, line_text=line_text, hint=hint, details=details
+    )
+
+
+def _pattern_error(
+    e: PatternError, pattern: Pattern, statement: Statement, text: str | None
+) -> RuleCompileError:
+    span = pattern.span or statement.span
+    details = [f"pattern: {pattern.text}", f"         {' ' * e.offset}^"]
+    if span is not None and span.end_column is not None:  # a DSL token: point inside it
+        render = regex_literal if pattern.regex else quote
+        inside = len(render(pattern.text[: e.offset])) - 1
+        span = Span(file=span.file, line=span.line, column=span.column + inside)
+        details = []
+    return _error(e.code, e.message, span, text, details=details)
+
+
+def _target_error(
+    e: PatternError, statement: Rename, text: str | None, message: str, code=None, hint=None
+) -> RuleCompileError:
+    span = statement.span
+    line = line_of(text, span.line) if span else None
+    details = [f"target: {statement.target}", f"        {' ' * e.offset}^"]
+    if span is not None and span.end_column is not None and line:
+        start = line.rfind(quote(statement.target))  # the target is the line's last string
+        if start >= 0:
+            inside = len(quote(statement.target[: e.offset]))
+            span = Span(file=span.file, line=span.line, column=start + inside)
+            details = []
+    return _error(code or e.code, message, span, text, hint=hint, details=details)

@@ -1,0 +1,370 @@
+"""The Report: what happened to every source and target key, and why.
+
+Invariant: every source tensor is in exactly one of loaded / skipped /
+unexpected; every target key in exactly one of loaded / initialized / missing.
+`str(report)` is a compact summary that collapses layer ranges.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel
+
+from .errors import summarize
+
+if TYPE_CHECKING:
+    from .plan import Plan, Problem
+
+
+class RuleRef(BaseModel):
+    """A rule as a report names it: its text and where it is written."""
+
+    text: str
+    file: str | None = None
+    line: int | None = None
+    column: int | None = None
+
+    def __str__(self) -> str:
+        if self.line is None:
+            return self.text
+        return f"{self.text} ({self.file or '<rules>'}:{self.line}:{self.column})"
+
+
+class Loaded(BaseModel):
+    """A source tensor loaded into a target key (or a target key tied to a loaded one)."""
+
+    source: str | None
+    target: str
+    shape: list[int]
+    rules: list[RuleRef] = []
+    tied_to: str | None = None
+
+
+class Skipped(BaseModel):
+    """A source tensor dropped on purpose: by `skip`, by `init`, or by `on mismatch skip`."""
+
+    source: str
+    target: str
+    reason: str
+    rules: list[RuleRef] = []
+
+
+class Unexpected(BaseModel):
+    """A source tensor whose final name the target does not have."""
+
+    source: str
+    target: str
+    rules: list[RuleRef] = []
+
+
+class Missing(BaseModel):
+    """A target key that nothing provides."""
+
+    target: str
+    shape: list[int]
+
+
+class Initialized(BaseModel):
+    """A target key that keeps its fresh initialization (`init`, or a skipped mismatch)."""
+
+    target: str
+    reason: str
+    rules: list[RuleRef] = []
+
+
+class Mismatched(BaseModel):
+    """A source and target whose shapes differ (the source is skipped, the target initialized)."""
+
+    source: str
+    target: str
+    source_shape: list[int]
+    target_shape: list[int]
+    rules: list[RuleRef] = []
+
+
+class Report(BaseModel):
+    """What a plan did: every source and target key, the rules that decided, what was frozen."""
+
+    loaded: list[Loaded] = []
+    skipped: list[Skipped] = []
+    unexpected: list[Unexpected] = []
+    missing: list[Missing] = []
+    initialized: list[Initialized] = []
+    mismatched: list[Mismatched] = []
+    unused_rules: list[RuleRef] = []
+    frozen: list[str] = []
+    warnings: list[str] = []
+    plan_fingerprint: str = ""
+
+    @classmethod
+    def from_plan(cls, plan: Plan, frozen: list[str] | None = None) -> Report:
+        def refs(ids: Iterable[int]) -> list[RuleRef]:
+            out = []
+            for i in ids:
+                info = plan.rules[i]
+                span = info.span
+                out.append(
+                    RuleRef(
+                        text=info.text,
+                        file=span.file if span else None,
+                        line=span.line if span else None,
+                        column=span.column if span else None,
+                    )
+                )
+            return out
+
+        report = cls(plan_fingerprint=plan.fingerprint)
+        targets = {t.target: t for t in plan.targets or ()}
+        for e in plan.sources:
+            if e.status == "loaded":
+                report.loaded.append(
+                    Loaded(source=e.source, target=e.target, shape=e.shape, rules=refs(e.rules))
+                )
+            elif e.status == "skipped":
+                report.skipped.append(
+                    Skipped(
+                        source=e.source,
+                        target=e.target,
+                        reason=e.reason or "skip",
+                        rules=refs(e.rules),
+                    )
+                )
+                if e.reason == "mismatch":
+                    report.mismatched.append(
+                        Mismatched(
+                            source=e.source,
+                            target=e.target,
+                            source_shape=e.shape,
+                            target_shape=targets[e.target].shape,
+                            rules=refs(e.rules),
+                        )
+                    )
+            else:
+                report.unexpected.append(
+                    Unexpected(source=e.source, target=e.target, rules=refs(e.rules))
+                )
+        for t in plan.targets or ():
+            if t.status == "loaded" and t.reason == "tied":
+                report.loaded.append(
+                    Loaded(source=None, target=t.target, shape=t.shape, tied_to=t.tied_to)
+                )
+            elif t.status == "initialized":
+                report.initialized.append(
+                    Initialized(target=t.target, reason=t.reason or "init", rules=refs(t.rules))
+                )
+            elif t.status == "missing":
+                report.missing.append(Missing(target=t.target, shape=t.shape))
+        report.unused_rules = refs(plan.unused_rules)
+        report.frozen = sorted(
+            frozen if frozen is not None else (t.target for t in plan.trainable if t.frozen)
+        )
+        report.warnings = [p.message for p in plan.warnings]
+        return report
+
+    def accounts_for(self, source_keys: Iterable[str], target_keys: Iterable[str] = ()) -> bool:
+        """The accounting invariant: each source key and each target key in exactly one place."""
+        sources = sorted(
+            [e.source for e in self.loaded if e.source is not None]
+            + [e.source for e in self.skipped]
+            + [e.source for e in self.unexpected]
+        )
+        target_keys = sorted(target_keys)
+        if not target_keys:
+            return sources == sorted(source_keys)
+        wanted = set(target_keys)
+        targets = sorted(
+            [e.target for e in self.loaded if e.target in wanted]
+            + [e.target for e in self.initialized]
+            + [e.target for e in self.missing]
+        )
+        return sources == sorted(source_keys) and targets == target_keys
+
+    def __str__(self) -> str:
+        counts = [
+            ("loaded", len(self.loaded)),
+            ("skipped", len(self.skipped)),
+            ("unexpected", len(self.unexpected)),
+            ("missing", len(self.missing)),
+            ("initialized", len(self.initialized)),
+            ("mismatched", len(self.mismatched)),
+            ("frozen", len(self.frozen)),
+        ]
+        lines = ["ckptmap report: " + ", ".join(f"{n} {what}" for what, n in counts)]
+
+        def section(title: str, keys: list[str], by: dict[str, list[str]] | None = None) -> None:
+            if not keys:
+                return
+            lines.append(f"{title} ({len(keys)}):")
+            groups = by or {"": keys}
+            for why, names in groups.items():
+                suffix = f"    <- {why}" if why else ""
+                lines.extend(f"  {k}{suffix}" for k in summarize(_collapsed(names), 12))
+
+        section("loaded", [e.target for e in self.loaded])
+        section("skipped", [e.source for e in self.skipped], _by_rule(self.skipped, "source"))
+        section("unexpected", [e.source for e in self.unexpected])
+        section("missing", [e.target for e in self.missing])
+        section(
+            "initialized",
+            [e.target for e in self.initialized],
+            _by_rule(self.initialized, "target"),
+        )
+        if self.mismatched:
+            lines.append(f"mismatched ({len(self.mismatched)}):")
+            lines.extend(
+                summarize(
+                    f"  {m.source} {m.source_shape} -> {m.target} {m.target_shape}"
+                    for m in self.mismatched
+                )
+            )
+        section("frozen", self.frozen)
+        if self.unused_rules:
+            lines.append(f"unused rules ({len(self.unused_rules)}):")
+            lines.extend(f"  {r}" for r in self.unused_rules)
+        if self.warnings:
+            lines.append(f"warnings ({len(self.warnings)}):")
+            lines.extend(f"  {w}" for w in summarize(self.warnings))
+        return "\n".join(lines)
+
+
+def _by_rule(entries: list, attr: str) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = defaultdict(list)
+    for e in entries:
+        why = str(e.rules[-1]) if e.rules else ""
+        if e.reason == "mismatch":
+            why = "on mismatch skip"
+        groups[why].append(getattr(e, attr))
+    return dict(groups)
+
+
+# --- collapsing layer ranges -----------------------------------------------------------------
+
+_NUMBERED = re.compile(r"(\D*?)(0|[1-9]\d*)")
+
+
+def collapse_keys(keys: Iterable[str]) -> list[tuple[str, int]]:
+    """Keys with numbered segments folded into ranges: [('layers.{0..11}.q.weight', 12), …].
+
+    Keys that differ only in one numbered segment merge; merging every position
+    in turn folds full grids (`layers.{0..3}.experts.{0..7}.w1`). Order of first
+    appearance is kept.
+    """
+    # an entry: tuple of segments, each a str or (prefix, frozenset of numbers)
+    entries: dict[tuple, int] = {}
+    for key in keys:
+        segs = []
+        for seg in key.split("."):
+            m = _NUMBERED.fullmatch(seg)
+            segs.append((m.group(1), frozenset([int(m.group(2))])) if m else seg)
+        entries[tuple(segs)] = entries.get(tuple(segs), 0) + 1
+    width = max((len(e) for e in entries), default=0)
+    for pos in reversed(range(width)):
+        merged: dict[tuple, list] = {}
+        for entry, count in entries.items():
+            seg = entry[pos] if pos < len(entry) else None
+            if isinstance(seg, tuple):
+                slot = (*entry[:pos], ("#", seg[0]), *entry[pos + 1 :])
+                if slot in merged:
+                    merged[slot][0] |= seg[1]
+                    merged[slot][1] += count
+                else:
+                    merged[slot] = [set(seg[1]), count, pos, seg[0]]
+            else:
+                merged[(entry, None)] = [None, count, None, None]
+        entries = {}
+        for slot, (numbers, count, p, prefix) in merged.items():
+            if numbers is None:
+                entries[slot[0]] = count
+            else:
+                entry = (*slot[:p], (prefix, frozenset(numbers)), *slot[p + 1 :])
+                entries[entry] = count
+    return [(_format(entry), count) for entry, count in entries.items()]
+
+
+def _collapsed(keys: Iterable[str]) -> list[str]:
+    return [key for key, _ in collapse_keys(keys)]
+
+
+def _format(entry: tuple) -> str:
+    out = []
+    for seg in entry:
+        if isinstance(seg, str):
+            out.append(seg)
+        else:
+            prefix, numbers = seg
+            out.append(prefix + format_numbers(sorted(numbers)))
+    return ".".join(out)
+
+
+def format_numbers(numbers: list[int]) -> str:
+    """[3] -> '3'; [0,1,2,3] -> '{0..3}'; [0,1,2,5] -> '{0..2,5}'."""
+    if len(numbers) == 1:
+        return str(numbers[0])
+    runs, start, prev = [], numbers[0], numbers[0]
+    for n in [*numbers[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        runs.append(
+            str(start)
+            if start == prev
+            else f"{start}..{prev}"
+            if prev > start + 1
+            else f"{start},{prev}"
+        )
+        if n is not None:
+            start = prev = n
+    return "{" + ",".join(runs) + "}"
+
+
+# --- rendering plans and problems ------------------------------------------------------------
+
+
+def render_problems(
+    problems: list[Problem], plan: Plan | None = None, limit: int = 20
+) -> list[str]:
+    """Problems as lines a person reads: per-key messages, long key lists collapsed."""
+    lines: list[str] = []
+    by_kind: dict[str, list[Problem]] = defaultdict(list)
+    for p in problems:
+        by_kind[p.kind].append(p)
+    for kind, group in by_kind.items():
+        if kind in ("missing", "unexpected") and len(group) > 1:
+            policy = plan.policies.get(kind, "error") if plan else "error"
+            keys = [p.keys[0] for p in group]
+            what = (
+                "target keys nothing provides"
+                if kind == "missing"
+                else ("source keys the target does not have")
+            )
+            lines.append(f"{kind} (on {kind} {policy}): {len(keys)} {what}:")
+            lines.extend(f"  {k}" for k in summarize(_collapsed(keys), limit))
+        else:
+            for p in summarize([p.message for p in group], limit):
+                lines.append(p)
+    return lines
+
+
+def render_plan(plan: Plan) -> str:
+    """One line per source key (source -> target, shape, status, rules), then the problems."""
+    lines = [f"plan {plan.fingerprint[:19]}  ({len(plan.sources)} source keys)"]
+    for e in plan.sources:
+        status = e.status if not e.reason else f"{e.status} ({e.reason})"
+        arrow = e.source if e.source == e.target else f"{e.source} -> {e.target}"
+        via = "; ".join(plan.rules[i].text for i in e.rules)
+        lines.append(f"  {arrow}  {e.shape}  {status}" + (f"  [{via}]" if via else ""))
+    for t in plan.targets or ():
+        if t.status != "loaded" or t.reason == "tied":
+            extra = f" ({t.reason})" if t.reason else ""
+            lines.append(f"  target {t.target}  {t.shape}  {t.status}{extra}")
+    if plan.problems:
+        lines.append("problems:")
+        lines.extend(f"  {line}" for line in render_problems(plan.problems, plan))
+    if plan.unused_rules:
+        lines.append("unused rules:")
+        lines.extend(f"  {plan.rules[i]}" for i in plan.unused_rules)
+    return "\n".join(lines)

@@ -1,0 +1,408 @@
+"""The rule IR: frozen pydantic nodes that the DSL, YAML and Python all build.
+
+Every node carries its `span` (where it was written). Spans, like the path of
+the file a ruleset came from, take no part in equality: two rulesets are equal
+when they say the same thing.
+
+    >>> from ckptmap.rules import Ruleset, Strip, Rename, Init
+    >>> rs = Ruleset([Strip("module."), Rename("features", "backbone"), Init("fc")])
+    >>> print(rs.to_text())
+    ckptmap 1
+    <BLANKLINE>
+    strip "module."
+    rename "features" -> "backbone"
+    init "fc"
+    <BLANKLINE>
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .errors import Span
+
+LANGUAGE_VERSION = 1
+
+# Fields that say where a node came from, not what it means.
+_NOT_COMPARED = frozenset({"span", "file", "text"})
+
+
+class Node(BaseModel):
+    """Base of every IR node: immutable, positional arguments allowed, span-blind equality."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    _positional: ClassVar[tuple[str, ...]] = ()
+
+    span: Span | None = Field(default=None, exclude=True, repr=False)
+
+    def __init__(self, *args: Any, **data: Any):
+        if len(args) > len(self._positional):
+            raise TypeError(
+                f"{type(self).__name__} takes at most {len(self._positional)} positional arguments"
+            )
+        data.update(zip(self._positional, args, strict=False))
+        super().__init__(**data)
+
+    def _key(self) -> tuple:
+        return tuple(
+            (name, getattr(self, name))
+            for name in type(self).model_fields
+            if name not in _NOT_COMPARED
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self._key() == other._key()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self._key()))
+
+
+class Pattern(Node):
+    """A key pattern: a string pattern (segments, `*`, `**`, `{name}`) or a `/regex/`."""
+
+    _positional = ("text", "regex")
+
+    text: str
+    regex: bool = False
+
+    @field_validator("text")
+    @classmethod
+    def _not_empty(cls, text: str) -> str:
+        if not text:
+            raise ValueError("a pattern cannot be empty")
+        return text
+
+    @model_validator(mode="after")
+    def _regex_printable(self) -> Pattern:
+        if self.regex:
+            if "\n" in self.text or "\r" in self.text:
+                raise ValueError("a regex cannot contain a line break (write \\n)")
+            if _ends_in_lone_backslash(self.text):
+                raise ValueError("a regex cannot end with a lone backslash")
+        return self
+
+    def to_text(self) -> str:
+        return regex_literal(self.text) if self.regex else quote(self.text)
+
+    def to_yaml(self) -> Any:
+        return {"regex": self.text} if self.regex else self.text
+
+
+def regex(text: str) -> Pattern:
+    """A regex pattern for Python-built rules: `Rename(regex(r"blk_(\\d+)\\.(.*)"), "blocks.{1}.{2}")`."""
+    return Pattern(text, True)
+
+
+def _as_pattern(value: Any) -> Any:
+    return Pattern(value) if isinstance(value, str) else value
+
+
+class Statement(Node):
+    """One line of a rule file."""
+
+    keyword: ClassVar[str]
+
+    def to_text(self) -> str:
+        raise NotImplementedError
+
+    def to_yaml(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class _LiteralStatement(Statement):
+    """`strip "module."`, `prefix "encoder."`: a literal string at the start of the key."""
+
+    _positional = ("prefix",)
+    prefix: str
+
+    @field_validator("prefix")
+    @classmethod
+    def _not_empty(cls, prefix: str) -> str:
+        if not prefix:
+            raise ValueError(f"{cls.keyword} needs a non-empty string")
+        return prefix
+
+    def to_text(self) -> str:
+        return f"{self.keyword} {quote(self.prefix)}"
+
+    def to_yaml(self) -> dict[str, Any]:
+        return {self.keyword: self.prefix}
+
+
+class Strip(_LiteralStatement):
+    """Remove `prefix` from a key that starts with it (`strip "module."`)."""
+
+    keyword = "strip"
+
+
+class Prefix(_LiteralStatement):
+    """Prepend `prefix` to every key (`prefix "encoder."`)."""
+
+    keyword = "prefix"
+
+
+class _PatternStatement(Statement):
+    _positional = ("pattern",)
+    pattern: Pattern
+
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _coerce(cls, value: Any) -> Any:
+        return _as_pattern(value)
+
+    def to_text(self) -> str:
+        return f"{self.keyword} {self.pattern.to_text()}"
+
+    def to_yaml(self) -> dict[str, Any]:
+        return {self.keyword: self.pattern.to_yaml()}
+
+
+class Rename(_PatternStatement):
+    """`rename "features" -> "backbone"`; with a regex, `target` is the whole new key."""
+
+    keyword = "rename"
+    _positional = ("pattern", "target")
+    target: str
+
+    def to_text(self) -> str:
+        return f"rename {self.pattern.to_text()} -> {quote(self.target)}"
+
+    def to_yaml(self) -> dict[str, Any]:
+        return {"rename": {"from": self.pattern.to_yaml(), "to": self.target}}
+
+
+class Skip(_PatternStatement):
+    """Drop matching source keys (pipeline statement)."""
+
+    keyword = "skip"
+
+
+class Init(_PatternStatement):
+    """Matching target keys keep their fresh initialization; sources mapped there are skipped."""
+
+    keyword = "init"
+
+
+class Freeze(_PatternStatement):
+    """Matching target parameters get `requires_grad=False` (last freeze/unfreeze wins)."""
+
+    keyword = "freeze"
+
+
+class Unfreeze(_PatternStatement):
+    """Matching target parameters get `requires_grad=True` (last freeze/unfreeze wins)."""
+
+    keyword = "unfreeze"
+
+
+PROBLEMS = ("mismatch", "missing", "unexpected")
+ACTIONS: dict[str, tuple[str, ...]] = {
+    "mismatch": ("error", "skip"),
+    "missing": ("error", "warn", "ignore"),
+    "unexpected": ("error", "warn", "ignore"),
+}
+MismatchAction = Literal["error", "skip"]
+MissingAction = Literal["error", "warn", "ignore"]
+
+
+class Policy(Statement):
+    """`on missing warn`: what a problem of a kind does (error by default)."""
+
+    keyword = "on"
+    _positional = ("problem", "action")
+    problem: Literal["mismatch", "missing", "unexpected"]
+    action: Literal["error", "skip", "warn", "ignore"]
+
+    @model_validator(mode="after")
+    def _action_fits(self) -> Policy:
+        if self.action not in ACTIONS[self.problem]:
+            raise ValueError(
+                f"'on {self.problem}' takes {' | '.join(ACTIONS[self.problem])}, not {self.action!r}"
+            )
+        return self
+
+    def to_text(self) -> str:
+        return f"on {self.problem} {self.action}"
+
+    def to_yaml(self) -> dict[str, Any]:
+        return {f"on_{self.problem}": self.action}
+
+
+class Include(Statement):
+    """Splice another rule file here; `path` is relative to the including file."""
+
+    keyword = "include"
+    _positional = ("path",)
+    path: str
+
+    @field_validator("path")
+    @classmethod
+    def _not_empty(cls, path: str) -> str:
+        if not path:
+            raise ValueError("include needs a file path")
+        return path
+
+    def to_text(self) -> str:
+        return f"include {quote(self.path)}"
+
+    def to_yaml(self) -> dict[str, Any]:
+        return {"include": self.path}
+
+
+AnyStatement = Strip | Prefix | Rename | Skip | Init | Freeze | Unfreeze | Policy | Include
+STATEMENTS: dict[str, type[Statement]] = {
+    cls.keyword: cls
+    for cls in (Strip, Prefix, Rename, Skip, Init, Freeze, Unfreeze, Policy, Include)
+}
+
+
+class Ruleset(Node):
+    """An ordered list of statements, as written in one file (includes not yet spliced)."""
+
+    _positional = ("rules",)
+    version: int = LANGUAGE_VERSION
+    rules: tuple[AnyStatement, ...] = ()
+    file: str | None = Field(default=None, exclude=True, repr=False)
+    text: str | None = Field(default=None, exclude=True, repr=False)  # the source, for carets
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, version: int) -> int:
+        if version != LANGUAGE_VERSION:
+            raise ValueError(
+                f"unsupported language version {version} (this ckptmap reads {LANGUAGE_VERSION})"
+            )
+        return version
+
+    def to_text(self) -> str:
+        """Canonical DSL text: the header, then one statement a line."""
+        body = "".join(f"{rule.to_text()}\n" for rule in self.rules)
+        return f"ckptmap {self.version}\n\n{body}"
+
+    def to_yaml(self) -> str:
+        """Canonical YAML text (`ckptmap: 1`, `rules: [...]`)."""
+        doc = {"ckptmap": self.version, "rules": [rule.to_yaml() for rule in self.rules]}
+        return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=1000)
+
+    def to_json(self) -> str:
+        """The YAML form as JSON."""
+        import json
+
+        doc = {"ckptmap": self.version, "rules": [rule.to_yaml() for rule in self.rules]}
+        return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+
+# --- quoting -------------------------------------------------------------------------
+
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+UNESCAPES = {v[1]: k for k, v in _ESCAPES.items()}
+
+
+def quote(text: str) -> str:
+    """A DSL string literal for `text`."""
+    return '"' + "".join(_ESCAPES.get(ch, ch) for ch in text) + '"'
+
+
+def regex_literal(text: str) -> str:
+    """A DSL `/regex/` literal: unescaped slashes get a backslash."""
+    out, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            out.append(text[i : i + 2])
+            i += 2
+            continue
+        out.append("\\/" if ch == "/" else ch)
+        i += 1
+    return "/" + "".join(out) + "/"
+
+
+def _ends_in_lone_backslash(text: str) -> bool:
+    run = len(text) - len(text.rstrip("\\"))
+    return run % 2 == 1
+
+
+# --- the YAML form, for validation and `ckptmap schema` ---------------------------------
+
+_FORM = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class RegexForm(BaseModel):
+    """A regex pattern in YAML: `{regex: "blk_(\\\\d+)\\\\.(.*)"}` (must match the whole key)."""
+
+    model_config = _FORM
+    regex: str
+
+
+PatternForm = Annotated[
+    str | RegexForm,
+    Field(description="A string pattern (`*`, `**`, `{name}`) or {regex: ...}"),
+]
+
+
+class RenameArgs(BaseModel):
+    model_config = _FORM
+    from_: PatternForm = Field(alias="from")
+    to: str
+
+
+def _form(name: str, **fields: Any) -> type[BaseModel]:
+    return type(name, (BaseModel,), {"model_config": _FORM, "__annotations__": fields})
+
+
+FORMS: dict[str, type[BaseModel]] = {
+    "strip": _form("StripForm", strip=Annotated[str, Field(min_length=1)]),
+    "prefix": _form("PrefixForm", prefix=Annotated[str, Field(min_length=1)]),
+    "rename": _form("RenameForm", rename=RenameArgs),
+    "skip": _form("SkipForm", skip=PatternForm),
+    "init": _form("InitForm", init=PatternForm),
+    "freeze": _form("FreezeForm", freeze=PatternForm),
+    "unfreeze": _form("UnfreezeForm", unfreeze=PatternForm),
+    "on_mismatch": _form("OnMismatchForm", on_mismatch=MismatchAction),
+    "on_missing": _form("OnMissingForm", on_missing=MissingAction),
+    "on_unexpected": _form("OnUnexpectedForm", on_unexpected=MissingAction),
+    "include": _form("IncludeForm", include=Annotated[str, Field(min_length=1)]),
+}
+
+
+class RulesDocument(BaseModel):
+    """A rule file in YAML or JSON form."""
+
+    model_config = ConfigDict(extra="forbid", title="ckptmap rules")
+    ckptmap: Literal[1] = 1
+    rules: list[dict[str, Any]] = []
+
+    @classmethod
+    def json_schema(cls) -> dict[str, Any]:
+        """The JSON Schema editors use for `.yaml` rule files."""
+        schema = cls.model_json_schema()
+        defs = schema.setdefault("$defs", {})
+        refs = []
+        for form in FORMS.values():
+            sub = form.model_json_schema(ref_template="#/$defs/{model}")
+            defs.update(sub.pop("$defs", {}))
+            defs[form.__name__] = sub
+            refs.append({"$ref": f"#/$defs/{form.__name__}"})
+        schema["properties"]["rules"]["items"] = {"anyOf": refs}
+        return schema
+
+
+def statement_from_form(key: str, form: BaseModel, span: Span | None) -> Statement:
+    """The IR node for one validated YAML item."""
+    value = getattr(form, key)
+
+    def pattern(v: Any) -> Pattern:
+        return (
+            Pattern(v.regex, True, span=span) if isinstance(v, RegexForm) else Pattern(v, span=span)
+        )
+
+    if key.startswith("on_"):
+        return Policy(key[3:], value, span=span)
+    if key == "rename":
+        return Rename(pattern(value.from_), value.to, span=span)
+    if key in ("strip", "prefix", "include"):
+        return STATEMENTS[key](value, span=span)
+    return STATEMENTS[key](pattern(value), span=span)

@@ -1,0 +1,396 @@
+"""Front ends: rule text (Lark grammar) and YAML/JSON, both to the same IR.
+
+The grammar lives in `grammar/ckptmap.lark`; one Transformer turns Lark's
+tree into `ckptmap.rules` nodes, each with its span. Lark's own errors are
+translated into messages that name the likely mistake.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
+from pydantic import ValidationError
+
+from .errors import CkptmapError, RuleSyntaxError, Span, line_of
+from .rules import (
+    ACTIONS,
+    FORMS,
+    PROBLEMS,
+    STATEMENTS,
+    UNESCAPES,
+    Freeze,
+    Include,
+    Init,
+    Pattern,
+    Policy,
+    Prefix,
+    Rename,
+    RulesDocument,
+    Ruleset,
+    Skip,
+    Strip,
+    Unfreeze,
+    statement_from_form,
+)
+
+KEYWORDS = ("ckptmap", *STATEMENTS)
+_STRING = re.compile(r'"([^"\\\n]|\\[^\n])*"')
+RULE_SUFFIXES = {".ckmap": "dsl", ".yaml": "yaml", ".yml": "yaml", ".json": "yaml"}
+
+
+def grammar_text() -> str:
+    """The grammar shipped in the package (or, in a source checkout, at the repo root)."""
+    shipped = resources.files("ckptmap").joinpath("grammar", "ckptmap.lark")
+    if shipped.is_file():
+        return shipped.read_text(encoding="utf-8")
+    checkout = Path(__file__).resolve().parents[2] / "grammar" / "ckptmap.lark"
+    if checkout.is_file():
+        return checkout.read_text(encoding="utf-8")
+    raise CkptmapError("the grammar file ckptmap.lark is missing from this installation")
+
+
+@functools.cache
+def _parser() -> Lark:
+    return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=False)
+
+
+# --- DSL ---------------------------------------------------------------------------------
+
+
+def parse(text: str, path: str | Path | None = None) -> Ruleset:
+    """Parse rule text into a `Ruleset`; raises `RuleSyntaxError` with line and column."""
+    file = str(path) if path is not None else None
+    try:
+        tree = _parser().parse(text)
+    except UnexpectedInput as e:
+        raise _explain(e, text, file) from None
+    try:
+        return _ToIR(text, file).transform(tree)
+    except VisitError as e:
+        if isinstance(e.orig_exc, CkptmapError):
+            raise e.orig_exc from None
+        raise
+
+
+_EXPECTED = {
+    "STRING": 'a quoted string ("...")',
+    "REGEX": "a /regex/",
+    "ARROW": "`->`",
+    "WORD": "a word",
+    "INT": "a number",
+    "_NL": "the end of the line",
+    "$END": "the end of the file",
+}
+
+
+def _describe(token: Token) -> str:
+    if token.type == "$END":
+        return "end of file"
+    if token.type == "_NL":
+        return "end of line"
+    return f"{token.value!r}"
+
+
+def _explain(e: UnexpectedInput, text: str, file: str | None) -> RuleSyntaxError:
+    """Turn Lark's error into one that names the likely mistake."""
+    line = getattr(e, "line", None) or 1
+    column = getattr(e, "column", None) or 1
+    token = getattr(e, "token", None)
+    at_end = isinstance(e, UnexpectedEOF) or getattr(token, "type", None) == "$END"
+    if at_end or line < 1:
+        lines = text.splitlines() or [""]
+        line, column = len(lines), len(lines[-1]) + 1
+    line_text = line_of(text, line) or ""
+    span = Span(file=file, line=line, column=column)
+    before = line_text[: column - 1]
+    rest = line_text[column - 1 :]
+    expected = set(getattr(e, "expected", None) or getattr(e, "allowed", None) or ())
+
+    def error(code: str, message: str, hint: str | None = None) -> RuleSyntaxError:
+        return RuleSyntaxError(message, code=code, span=span, line_text=line_text, hint=hint)
+
+    at_statement_start = not before.strip()
+    word = rest.split(maxsplit=1)[0] if rest.strip() else ""
+    if at_statement_start and word and word[0].isalpha():
+        bare = word.rstrip(":")
+        if bare == "ckptmap":
+            return error("CKM106", "the header `ckptmap 1` must come before every statement")
+        if bare not in KEYWORDS:
+            close = difflib.get_close_matches(bare, KEYWORDS, n=1)
+            return error(
+                "CKM104",
+                f"unknown statement {bare!r}",
+                f"did you mean {close[0]!r}?"
+                if close
+                else "statements: " + ", ".join(KEYWORDS[1:]),
+            )
+    if rest.startswith('"') and not _STRING.match(rest):
+        return error("CKM103", "unterminated string: no closing quote on this line")
+    if rest.startswith("/") and ({"REGEX"} & expected or isinstance(e, UnexpectedCharacters)):
+        if rest.startswith("//"):
+            return error("CKM103", "empty regex: write a pattern between the slashes")
+        return error("CKM103", "unterminated regex: no closing slash on this line")
+    if "ARROW" in expected:
+        return error("CKM102", "expected `->` after the pattern", 'rename "old" -> "new"')
+    if at_statement_start and expected - {"_NL", "$END"}:
+        return error(
+            "CKM101", "expected a statement here", "statements: " + ", ".join(KEYWORDS[1:])
+        )
+    found = _describe(token) if isinstance(token, Token) else repr(rest[:1] or "end of line")
+    wanted = sorted(_EXPECTED.get(t, t) for t in expected if not t.startswith("__"))
+    if {"_NL", "$END"} & expected and not ({"STRING", "REGEX", "WORD", "INT"} & expected):
+        return error(
+            "CKM101", f"unexpected {found}: this statement is complete", "one statement a line"
+        )
+    if not wanted:
+        return error("CKM101", f"unexpected {found}")
+    return error("CKM101", f"unexpected {found}; expected {' or '.join(wanted)}")
+
+
+@v_args(meta=True, inline=True)
+class _ToIR(Transformer):
+    """Lark tree -> IR nodes, each with its span."""
+
+    def __init__(self, text: str, file: str | None):
+        super().__init__()
+        self.text = text
+        self.file = file
+
+    # helpers ------------------------------------------------------------------------
+    def _span(self, meta_or_token: Any) -> Span:
+        m = meta_or_token
+        return Span(
+            file=self.file,
+            line=m.line,
+            column=m.column,
+            end_line=m.end_line,
+            end_column=m.end_column,
+        )
+
+    def _error(self, code: str, message: str, at: Any, hint: str | None = None) -> RuleSyntaxError:
+        span = self._span(at)
+        return RuleSyntaxError(
+            message, code=code, span=span, line_text=line_of(self.text, span.line), hint=hint
+        )
+
+    def _string(self, token: Token) -> str:
+        body, out, i = token.value[1:-1], [], 0
+        while i < len(body):
+            ch = body[i]
+            if ch == "\\":
+                esc = body[i + 1]
+                if esc not in UNESCAPES:
+                    bad = Span(file=self.file, line=token.line, column=token.column + 1 + i)
+                    raise RuleSyntaxError(
+                        f"unknown escape '\\{esc}' in a string",
+                        code="CKM107",
+                        span=bad,
+                        line_text=line_of(self.text, token.line),
+                        hint='strings know \\" \\\\ \\n \\t \\r',
+                    )
+                out.append(UNESCAPES[esc])
+                i += 2
+            else:
+                out.append(ch)
+                i += 1
+        return "".join(out)
+
+    def _node(self, cls: type, meta: Any, *args: Any) -> Any:
+        try:
+            return cls(*args, span=self._span(meta))
+        except ValidationError as e:
+            message = e.errors()[0]["msg"].removeprefix("Value error, ")
+            raise self._error(
+                "CKM108", f"invalid {cls.keyword} statement: {message}", meta
+            ) from None
+
+    # rules ----------------------------------------------------------------------------
+    def start(self, meta: Any, *items: Any) -> Ruleset:
+        version, rules = 1, []
+        for item in items:
+            if isinstance(item, tuple):
+                version = item[0]
+            else:
+                rules.append(item)
+        return Ruleset(rules=tuple(rules), version=version, file=self.file, text=self.text)
+
+    def header(self, meta: Any, number: Token) -> tuple[int]:
+        version = int(number)
+        if version != 1:
+            raise self._error(
+                "CKM106", f"unsupported language version {version} (this ckptmap reads 1)", number
+            )
+        return (version,)
+
+    def pattern(self, meta: Any, token: Token) -> Pattern:
+        span = self._span(token)
+        if token.type == "REGEX":
+            return Pattern(_unescape_regex(token.value[1:-1]), True, span=span)
+        return Pattern(self._string(token), span=span)
+
+    def strip(self, meta: Any, s: Token) -> Strip:
+        return self._node(Strip, meta, self._string(s))
+
+    def prefix(self, meta: Any, s: Token) -> Prefix:
+        return self._node(Prefix, meta, self._string(s))
+
+    def rename(self, meta: Any, pattern: Pattern, _arrow: Token, target: Token) -> Rename:
+        return self._node(Rename, meta, pattern, self._string(target))
+
+    def skip(self, meta: Any, pattern: Pattern) -> Skip:
+        return self._node(Skip, meta, pattern)
+
+    def init(self, meta: Any, pattern: Pattern) -> Init:
+        return self._node(Init, meta, pattern)
+
+    def freeze(self, meta: Any, pattern: Pattern) -> Freeze:
+        return self._node(Freeze, meta, pattern)
+
+    def unfreeze(self, meta: Any, pattern: Pattern) -> Unfreeze:
+        return self._node(Unfreeze, meta, pattern)
+
+    def include(self, meta: Any, path: Token) -> Include:
+        return self._node(Include, meta, self._string(path))
+
+    def policy(self, meta: Any, problem: Token, action: Token) -> Policy:
+        if problem.value not in PROBLEMS:
+            close = difflib.get_close_matches(problem.value, PROBLEMS, n=1)
+            raise self._error(
+                "CKM105",
+                f"unknown problem {problem.value!r} after 'on'",
+                problem,
+                f"did you mean {close[0]!r}?" if close else "on mismatch | missing | unexpected",
+            )
+        allowed = ACTIONS[problem.value]
+        if action.value not in allowed:
+            raise self._error(
+                "CKM105",
+                f"'on {problem.value}' takes {' | '.join(allowed)}, not {action.value!r}",
+                action,
+            )
+        return Policy(problem.value, action.value, span=self._span(meta))
+
+
+def _unescape_regex(body: str) -> str:
+    """`\\/` in a regex literal is a plain slash; every other escape is the regex's own."""
+    out, i = [], 0
+    while i < len(body):
+        if body[i] == "\\" and i + 1 < len(body):
+            out.append("/" if body[i + 1] == "/" else body[i : i + 2])
+            i += 2
+        else:
+            out.append(body[i])
+            i += 1
+    return "".join(out)
+
+
+# --- YAML / JSON -------------------------------------------------------------------------
+
+
+def parse_yaml(text: str, path: str | Path | None = None) -> Ruleset:
+    """Read the YAML (or JSON) form of a rule file into the same IR as the DSL."""
+    file = str(path) if path is not None else None
+
+    def span_of(node: yaml.Node | yaml.Mark) -> Span:
+        mark = node.start_mark if isinstance(node, yaml.Node) else node
+        return Span(file=file, line=mark.line + 1, column=mark.column + 1)
+
+    def error(code: str, message: str, at: yaml.Node | yaml.Mark, hint: str | None = None):
+        span = span_of(at)
+        return RuleSyntaxError(
+            message, code=code, span=span, line_text=line_of(text, span.line), hint=hint
+        )
+
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        data = loader.construct_document(root) if root is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise error("CKM110", f"not valid YAML: {e.problem or e.context}", mark) from None
+    except yaml.YAMLError as e:
+        raise RuleSyntaxError(f"not valid YAML: {e}", code="CKM110") from None
+    finally:
+        loader.dispose()
+
+    if data is None:
+        return Ruleset(file=file)
+    if not isinstance(data, dict):
+        raise error(
+            "CKM110", "a rule file is a mapping with `rules:` (and optionally `ckptmap: 1`)", root
+        )
+    try:
+        doc = RulesDocument.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise error("CKM110", f"{where}: {err['msg']}", root) from None
+
+    items = _value_node(root, "rules")
+    rules = []
+    for item, node in zip(doc.rules, items.value if items else [], strict=False):
+        if len(item) != 1:
+            raise error("CKM110", "each rule is a mapping with exactly one statement key", node)
+        key = next(iter(item))
+        if key is True:  # YAML 1.1 reads a bare `on` as the boolean true
+            raise error("CKM104", "`on:` reads as true in YAML", node, "write on_missing: warn")
+        if key not in FORMS:
+            close = difflib.get_close_matches(str(key), list(FORMS), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "statements: " + ", ".join(FORMS)
+            raise error("CKM104", f"unknown statement {key!r}", node, hint)
+        try:
+            form = FORMS[key].model_validate(item)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise error(
+                "CKM108", f"invalid {key} statement ({where}): {err['msg']}", node
+            ) from None
+        try:
+            rules.append(statement_from_form(key, form, span_of(node)))
+        except ValidationError as e:
+            message = e.errors()[0]["msg"].removeprefix("Value error, ")
+            raise error("CKM108", f"invalid {key} statement: {message}", node) from None
+    return Ruleset(rules=tuple(rules), version=doc.ckptmap, file=file, text=text)
+
+
+def _value_node(mapping: yaml.Node, key: str) -> yaml.Node | None:
+    if isinstance(mapping, yaml.MappingNode):
+        for k, v in mapping.value:
+            if getattr(k, "value", None) == key:
+                return v
+    return None
+
+
+# --- files -------------------------------------------------------------------------------
+
+
+def load_rules(path: str | Path) -> Ruleset:
+    """Read a rule file: `.ckmap` (DSL), `.yaml`/`.yml` or `.json`, chosen by suffix."""
+    path = Path(path)
+    kind = RULE_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise RuleSyntaxError(
+            f"{path}: unknown rule file type {path.suffix or '(no suffix)'!r}",
+            code="CKM111",
+            hint="use .ckmap, .yaml, .yml or .json",
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RuleSyntaxError(f"{path}: rule file not found", code="CKM112") from None
+    except IsADirectoryError:
+        raise RuleSyntaxError(f"{path}: is a directory, not a rule file", code="CKM112") from None
+    except UnicodeDecodeError as e:
+        raise RuleSyntaxError(f"{path}: not UTF-8 text ({e.reason})", code="CKM112") from None
+    except OSError as e:
+        raise RuleSyntaxError(f"{path}: cannot read ({e.strerror})", code="CKM112") from None
+    return parse(text, path) if kind == "dsl" else parse_yaml(text, path)
