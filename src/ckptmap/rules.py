@@ -17,6 +17,7 @@ when they say the same thing.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
@@ -285,14 +286,18 @@ class Ruleset(Node):
     def to_yaml(self) -> str:
         """Canonical YAML text (`ckptmap: 1`, `rules: [...]`)."""
         doc = {"ckptmap": self.version, "rules": [rule.to_yaml() for rule in self.rules]}
-        return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=1000)
+        return yaml.safe_dump(doc, sort_keys=False, width=1000)
 
     def to_json(self) -> str:
         """The YAML form as JSON."""
         import json
 
         doc = {"ckptmap": self.version, "rules": [rule.to_yaml() for rule in self.rules]}
-        return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+        text = json.dumps(doc, indent=2, ensure_ascii=False)
+        # characters YAML readers refuse raw (JSON rule files are read by the YAML reader)
+        return (
+            re.sub(r"[\x7f-\x9f\ufeff\ufffe\uffff]", lambda m: f"\\u{ord(m[0]):04x}", text) + "\n"
+        )
 
 
 # --- quoting -------------------------------------------------------------------------
@@ -373,7 +378,7 @@ class RulesDocument(BaseModel):
 
     model_config = ConfigDict(extra="forbid", title="ckptmap rules")
     ckptmap: Literal[1] = 1
-    rules: list[dict[str, Any]] = []
+    rules: list[Any] = []
 
     @classmethod
     def json_schema(cls) -> dict[str, Any]:

@@ -309,8 +309,9 @@ def parse_yaml(text: str, path: str | Path | None = None) -> Ruleset:
             message, code=code, span=span, line_text=line_of(text, span.line), hint=hint
         )
 
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)
         root = loader.get_single_node()
         data = loader.construct_document(root) if root is not None else None
     except yaml.MarkedYAMLError as e:
@@ -319,7 +320,8 @@ def parse_yaml(text: str, path: str | Path | None = None) -> Ruleset:
     except yaml.YAMLError as e:
         raise RuleSyntaxError(f"not valid YAML: {e}", code="CKM110") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
     if data is None:
         return Ruleset(file=file)
@@ -337,7 +339,7 @@ def parse_yaml(text: str, path: str | Path | None = None) -> Ruleset:
     items = _value_node(root, "rules")
     rules = []
     for item, node in zip(doc.rules, items.value if items else [], strict=False):
-        if len(item) != 1:
+        if not isinstance(item, dict) or len(item) != 1:
             raise error("CKM110", "each rule is a mapping with exactly one statement key", node)
         key = next(iter(item))
         if key is True:  # YAML 1.1 reads a bare `on` as the boolean true

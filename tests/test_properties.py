@@ -1,0 +1,181 @@
+"""Invariants, checked on generated inputs."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ckptmap
+from ckptmap.plan import TensorMeta
+from ckptmap.rules import (
+    Freeze,
+    Include,
+    Init,
+    Pattern,
+    Policy,
+    Prefix,
+    Rename,
+    Ruleset,
+    Skip,
+    Strip,
+    Unfreeze,
+)
+from ckptmap.syntax import parse, parse_yaml
+
+# --- parse(print(r)) == r ----------------------------------------------------------------------
+
+text = st.text(
+    alphabet=st.sampled_from(list('abcXYZ019._-*{}"\\/ #\t\n→é')), min_size=1, max_size=12
+)
+regex_text = text.filter(lambda s: "\n" not in s and "\r" not in s).map(
+    lambda s: s + "x" if (len(s) - len(s.rstrip("\\"))) % 2 else s
+)
+patterns = st.one_of(text.map(Pattern), regex_text.map(lambda s: Pattern(s, True)))
+statements = st.one_of(
+    text.map(Strip),
+    text.map(Prefix),
+    st.tuples(patterns, st.text(max_size=10)).map(lambda pt: Rename(*pt)),
+    patterns.map(Skip),
+    patterns.map(Init),
+    patterns.map(Freeze),
+    patterns.map(Unfreeze),
+    st.sampled_from(
+        [Policy("mismatch", "skip"), Policy("missing", "warn"), Policy("unexpected", "ignore")]
+    ),
+    text.map(Include),
+)
+rulesets = st.lists(statements, max_size=8).map(lambda rules: Ruleset(tuple(rules)))
+
+
+@given(rulesets)
+def test_text_round_trip(ruleset):
+    assert parse(ruleset.to_text()) == ruleset
+
+
+@given(rulesets)
+def test_yaml_round_trip(ruleset):
+    assert parse_yaml(ruleset.to_yaml()) == ruleset
+    assert parse_yaml(ruleset.to_json()) == ruleset
+
+
+@given(rulesets)
+def test_printing_is_canonical(ruleset):
+    once = parse(ruleset.to_text()).to_text()
+    assert parse(once).to_text() == once
+
+
+# --- the parser raises only CkptmapError ---------------------------------------------------------
+
+rule_words = st.sampled_from(
+    [
+        "strip",
+        "rename",
+        "skip",
+        "init",
+        "freeze",
+        "on",
+        "missing",
+        "->",
+        '"a.b"',
+        "/x(/",
+        "{i}",
+        "include",
+        "ckptmap",
+        "1",
+        "\n",
+        " ",
+        '"',
+        "/",
+        "#",
+        "\\",
+    ]
+)
+
+
+@given(st.one_of(st.text(max_size=60), st.lists(rule_words, max_size=15).map(" ".join)))
+@settings(max_examples=400)
+def test_parser_raises_only_ckptmap_errors(source):
+    try:
+        parse(source)
+    except ckptmap.CkptmapError as e:
+        assert e.code.startswith("CKM1")
+        e.render()
+
+
+@given(st.text(max_size=80))
+def test_yaml_front_end_raises_only_ckptmap_errors(source):
+    try:
+        parse_yaml(source)
+    except ckptmap.CkptmapError as e:
+        e.render()
+
+
+# --- plans: every key accounted for, order never matters -------------------------------------
+
+segments = st.sampled_from(
+    [
+        "module",
+        "layer1",
+        "layer2",
+        "0",
+        "1",
+        "fc",
+        "conv",
+        "bn",
+        "weight",
+        "bias",
+        "attn",
+        "q",
+        "num_batches_tracked",
+    ]
+)
+keys = st.lists(segments, min_size=1, max_size=4).map(".".join)
+key_sets = st.dictionaries(keys, st.lists(st.integers(1, 4), max_size=2).map(tuple), max_size=12)
+glob_patterns = st.sampled_from(
+    ["module", "fc", "layer{i}", "layer{i}.{j}", "**.bias", "*.weight", "**", "conv", "attn.q"]
+)
+plan_rules = st.lists(
+    st.one_of(
+        st.just('strip "module."'),
+        st.just('prefix "m."'),
+        glob_patterns.map(lambda p: f'skip "{p}"'),
+        glob_patterns.map(lambda p: f'init "{p}"'),
+        glob_patterns.map(lambda p: f'freeze "{p}"'),
+        glob_patterns.map(lambda p: f'unfreeze "{p}"'),
+        st.just('rename "layer{i}.{j}" -> "stages.{i}.{j}"'),
+        st.just('rename /(.*)\\.weight/ -> "{1}.w"'),
+        st.just('rename "conv" -> "fc"'),
+        st.sampled_from(["on mismatch skip", "on missing warn", "on unexpected ignore"]),
+    ),
+    max_size=6,
+).map("\n".join)
+
+
+def _meta(d):
+    return {k: TensorMeta(v) for k, v in d.items()}
+
+
+@given(plan_rules, key_sets, st.one_of(st.none(), key_sets))
+@settings(max_examples=300, deadline=None)
+def test_every_key_accounted_for_exactly_once(rules, source, target):
+    plan = ckptmap.compile(rules).plan(_meta(source), None if target is None else _meta(target))
+    report = plan.report()
+    assert report.accounts_for(source, target or ())
+    assert sorted(e.source for e in plan.sources) == sorted(source)
+    if target is not None:
+        assert sorted(t.target for t in plan.targets) == sorted(target)
+
+
+@given(plan_rules, key_sets, key_sets, st.randoms(use_true_random=False))
+@settings(max_examples=200, deadline=None)
+def test_plan_independent_of_input_order(rules, source, target, rnd: random.Random):
+    program = ckptmap.compile(rules)
+    first = program.plan(_meta(source), _meta(target))
+    items, titems = list(source.items()), list(target.items())
+    rnd.shuffle(items)
+    rnd.shuffle(titems)
+    second = program.plan(_meta(dict(items)), _meta(dict(titems)))
+    assert first.fingerprint == second.fingerprint
+    assert first.to_json() == second.to_json()
