@@ -120,8 +120,8 @@ def load_into(
         if not param.requires_grad and name in decisions:
             frozen.append(name)
     report = plan.report(frozen=frozen)
-    for message in report.warnings:
-        warnings.warn(message, stacklevel=2)
+    if report.warnings:
+        warnings.warn("ckptmap: " + "\n".join(report.warnings), stacklevel=2)
     return report
 
 

@@ -200,9 +200,18 @@ def _capture_order(name: str) -> tuple[int, int | str]:
 
 
 def compile(rules: Any) -> Program:
-    """Compile rules (a Ruleset, a Program, DSL text or a rule file Path) into a Program."""
+    """Compile rules (a Ruleset, a Program, DSL text or a rule file Path) into a Program.
+
+    A list of any of these is compiled as one program, in order.
+    """
     if isinstance(rules, Program):
         return rules
+    if isinstance(rules, (list, tuple)):  # several rule sources, applied in order
+        statements = []
+        for part in rules:
+            statements += [(r.node, None) for r in compile(part).rules]
+        merged = Ruleset(rules=tuple(s for s, _ in statements))
+        return Program(merged, tuple(compile_rule(i, s) for i, (s, _) in enumerate(statements)))
     if isinstance(rules, Path):
         rules = load_rules(rules)
     elif isinstance(rules, str):

@@ -162,7 +162,7 @@ class Report(BaseModel):
         report.frozen = sorted(
             frozen if frozen is not None else (t.target for t in plan.trainable if t.frozen)
         )
-        report.warnings = [p.message for p in plan.warnings]
+        report.warnings = render_problems(plan.warnings, plan)
         return report
 
     def accounts_for(self, source_keys: Iterable[str], target_keys: Iterable[str] = ()) -> bool:
@@ -226,8 +226,8 @@ class Report(BaseModel):
             lines.append(f"unused rules ({len(self.unused_rules)}):")
             lines.extend(f"  {r}" for r in self.unused_rules)
         if self.warnings:
-            lines.append(f"warnings ({len(self.warnings)}):")
-            lines.extend(f"  {w}" for w in summarize(self.warnings))
+            lines.append("warnings:")
+            lines.extend(f"  {w}" for w in self.warnings)
         return "\n".join(lines)
 
 
@@ -334,7 +334,7 @@ def render_problems(
         by_kind[p.kind].append(p)
     for kind, group in by_kind.items():
         if kind in ("missing", "unexpected") and len(group) > 1:
-            policy = plan.policies.get(kind, "error") if plan else "error"
+            policy = plan.policies.get(kind, "error") if plan else group[0].severity
             keys = [p.keys[0] for p in group]
             what = (
                 "target keys nothing provides"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import functools
 import re
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from .rules import (
     Unfreeze,
     statement_from_form,
 )
+from .shipped import shipped_file
 
 KEYWORDS = ("ckptmap", *STATEMENTS)
 _STRING = re.compile(r'"([^"\\\n]|\\[^\n])*"')
@@ -48,13 +48,7 @@ RULE_SUFFIXES = {".ckmap": "dsl", ".yaml": "yaml", ".yml": "yaml", ".json": "yam
 
 def grammar_text() -> str:
     """The grammar shipped in the package (or, in a source checkout, at the repo root)."""
-    shipped = resources.files("ckptmap").joinpath("grammar", "ckptmap.lark")
-    if shipped.is_file():
-        return shipped.read_text(encoding="utf-8")
-    checkout = Path(__file__).resolve().parents[2] / "grammar" / "ckptmap.lark"
-    if checkout.is_file():
-        return checkout.read_text(encoding="utf-8")
-    raise CkptmapError("the grammar file ckptmap.lark is missing from this installation")
+    return shipped_file("grammar", "ckptmap.lark").read_text(encoding="utf-8")
 
 
 @functools.cache

@@ -1,0 +1,47 @@
+"""Every docs page's examples run: rule blocks parse, files are written, Python runs.
+
+Fences:  ```ckmap             parsed and compiled
+         ```ckmap file=NAME   written to NAME (in a temp folder), then parsed and compiled
+         ```yaml file=NAME    written to NAME
+         ```python            run in order, in one namespace per page, in the temp folder
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+import ckptmap
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```", re.S | re.M)
+
+
+def blocks(page: Path):
+    for m in FENCE.finditer(page.read_text()):
+        lang, info, body = m.group(1), m.group(2), m.group(3)
+        file = re.search(r"file=(\S+)", info)
+        line = page.read_text()[: m.start()].count("\n") + 2
+        yield lang, file.group(1) if file else None, body, line
+
+
+@pytest.mark.parametrize("page", sorted(DOCS.glob("*.md")), ids=lambda p: p.name)
+def test_page_examples_run(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": f"docs_{page.stem}"}
+    ran = 0
+    for lang, file, body, line in blocks(page):
+        if file:
+            Path(file).write_text(body)
+        if lang == "ckmap":
+            where = Path(file) if file else None
+            ckptmap.compile(where if where else ckptmap.parse(body, f"{page.name}:{line}"))
+            ran += 1
+        elif lang == "python":
+            code = compile("\n" * (line - 1) + body, str(page), "exec")
+            exec(code, namespace)
+            ran += 1
+    assert ran or not os.path.getsize(page)

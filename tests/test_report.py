@@ -1,0 +1,91 @@
+"""Report and plan rendering, pinned by golden files (UPDATE_GOLDEN=1 rewrites them)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from models import ResNet
+
+import ckptmap
+from ckptmap.report import collapse_keys, format_numbers
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), f"{name} differs (UPDATE_GOLDEN=1 to accept)"
+
+
+RULES = """\
+strip "module."
+strip "_orig_mod."
+skip "**.num_batches_tracked"
+init "fc"
+freeze "**"
+unfreeze "layer4"
+"""
+
+
+@pytest.fixture
+def plan():
+    source = {f"module.{k}": tuple(v.shape) for k, v in ResNet(1000).state_dict().items()}
+    return ckptmap.compile(RULES).plan(source, ResNet(5), on_missing="warn")
+
+
+def test_report_summary(plan):
+    golden("report_resnet.txt", str(plan.report()) + "\n")
+
+
+def test_report_json(plan):
+    report = plan.report()
+    again = ckptmap.Report.model_validate_json(report.model_dump_json())
+    assert again == report
+    assert report.skipped[0].rules[-1].line == 3
+
+
+def test_plan_text():
+    source = {
+        "module.conv.weight": (8, 3, 3, 3),
+        "module.bn.num_batches_tracked": (),
+        "module.fc.weight": (1000, 8),
+        "module.old.bias": (8,),
+    }
+    target = {"conv.weight": (8, 3, 3, 3), "fc.weight": (5, 8), "new.weight": (8,)}
+    plan = ckptmap.compile(RULES).plan(source, target, on_missing="warn", on_unexpected="warn")
+    golden("plan_small.txt", str(plan) + "\n")
+
+
+def test_plan_error_message():
+    source = {"module.fc.weight": (1000, 64), "module.fc.bias": (1000,)}
+    target = {f"layers.{i}.w": (2,) for i in range(12)} | {"fc.weight": (5, 64), "fc.bias": (5,)}
+    plan = ckptmap.compile('strip "module."').plan(source, target)
+    with pytest.raises(ckptmap.PlanError) as info:
+        plan.check()
+    golden("plan_error.txt", info.value.render() + "\n")
+
+
+@pytest.mark.parametrize(
+    "keys, expected",
+    [
+        ([f"layers.{i}.attn.q.weight" for i in range(12)], [("layers.{0..11}.attn.q.weight", 12)]),
+        (
+            [f"layers.{i}.experts.{j}.w1" for i in range(4) for j in range(8)],
+            [("layers.{0..3}.experts.{0..7}.w1", 32)],
+        ),
+        (["layer1.0.w", "layer2.0.w", "layer4.0.w"], [("layer{1,2,4}.0.w", 3)]),
+        (["a.0", "a.1", "b"], [("a.{0,1}", 2), ("b", 1)]),
+        (["h.01.w", "h.02.w"], [("h.01.w", 1), ("h.02.w", 1)]),  # zero-padded: not numbers
+    ],
+)
+def test_collapse_keys(keys, expected):
+    assert collapse_keys(keys) == expected
+
+
+def test_format_numbers():
+    assert format_numbers([3]) == "3"
+    assert format_numbers([0, 1, 2, 3, 7, 9, 10, 11]) == "{0..3,7,9..11}"
