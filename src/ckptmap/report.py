@@ -176,12 +176,15 @@ class Report(BaseModel):
         if not target_keys:
             return sources == sorted(source_keys)
         wanted = set(target_keys)
-        targets = sorted(
-            [e.target for e in self.loaded if e.target in wanted]
-            + [e.target for e in self.initialized]
-            + [e.target for e in self.missing]
+        loaded = {e.target for e in self.loaded if e.target in wanted}  # two sources: one key
+        initialized = [e.target for e in self.initialized]
+        missing = [e.target for e in self.missing]
+        places = [*loaded, *initialized, *missing]
+        return (
+            sources == sorted(source_keys)
+            and len(places) == len(set(places))
+            and set(places) == wanted
         )
-        return sources == sorted(source_keys) and targets == target_keys
 
     def __str__(self) -> str:
         counts = [

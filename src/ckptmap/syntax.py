@@ -390,3 +390,47 @@ def load_rules(path: str | Path) -> Ruleset:
     except OSError as e:
         raise RuleSyntaxError(f"{path}: cannot read ({e.strerror})", code="CKM112") from None
     return parse(text, path) if kind == "dsl" else parse_yaml(text, path)
+
+
+# --- formatting ----------------------------------------------------------------------------
+
+_HEADER = re.compile(r"\s*ckptmap\s+\d+\s*(#.*)?$")
+
+
+def format_text(text: str, path: str | Path | None = None) -> str:
+    """Canonical layout of rule text, keeping comments: what `ckptmap fmt` writes.
+
+    Each statement is reprinted canonically with its trailing comment; comment
+    lines stay where they are; runs of blank lines shrink to one; the header
+    `ckptmap 1` comes first.
+    """
+    ruleset = parse(text, path)
+    by_line = {rule.span.line: rule for rule in ruleset.rules if rule.span}
+    lines = text.splitlines()
+    first = min(by_line, default=len(lines) + 1)
+    header = next((n for n, ln in enumerate(lines[: first - 1], 1) if _HEADER.match(ln)), 0)
+    out: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        stripped = line.strip()
+        if number == header or (not header and number == first):
+            if out and out[-1] != "":
+                out.append("")
+            comment = stripped.split("#", 1)[1].strip() if header and "#" in stripped else ""
+            out += [f"ckptmap {ruleset.version}" + (f"  # {comment}" if comment else ""), ""]
+            if number == header:
+                continue
+        if number in by_line:
+            rule = by_line[number]
+            comment = line[rule.span.end_column - 1 :].strip()
+            out.append(rule.to_text() + (f"  {comment}" if comment else ""))
+        elif stripped.startswith("#"):
+            out.append(stripped)
+        elif not stripped and out and out[-1] != "":
+            out.append("")
+    if not header and not by_line:
+        out += ["", f"ckptmap {ruleset.version}"]
+    while out and out[0] == "":
+        out.pop(0)
+    while out and out[-1] == "":
+        out.pop()
+    return "\n".join(out) + "\n"

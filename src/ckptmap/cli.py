@@ -1,0 +1,393 @@
+"""The `ckptmap` command line.
+
+Exit status: 0 the plan is clean under its policies; 1 the plan has problems;
+2 usage, rule syntax or file errors. Expected errors print one message, no
+traceback (`--debug` shows it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import CkptmapError, PlanError
+
+if TYPE_CHECKING:
+    from .io import Checkpoint
+    from .plan import Plan
+
+app = typer.Typer(
+    help="Load pretrained PyTorch checkpoints into changed architectures, by rules.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_state = {"debug": False}
+
+RulesArg = Annotated[list[Path], typer.Argument(help="Rule files (.ckmap/.yaml/.json), in order.")]
+SourceOpt = Annotated[Path, typer.Option("--source", "-s", help="The checkpoint to map.")]
+TargetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--target",
+        "-t",
+        help="Validate against: a checkpoint, a {name: shape} JSON file, or package.module:factory.",
+    ),
+]
+
+
+def out() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def err() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _run(fn: Any) -> None:
+    """Run a command body: expected errors become one message and an exit status."""
+    try:
+        fn()
+    except PlanError as e:
+        if _state["debug"]:
+            raise
+        err().print(e.render(), markup=False)
+        raise typer.Exit(1) from None
+    except CkptmapError as e:
+        if _state["debug"]:
+            raise
+        err().print(e.render(), markup=False)
+        raise typer.Exit(2) from None
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False) -> None:
+    _state["debug"] = debug
+
+
+# --- check / fmt / schema ---------------------------------------------------------------------
+
+
+@app.command()
+def check(rules: RulesArg) -> None:
+    """Parse and compile rule files; report errors with their line and column."""
+
+    def body() -> None:
+        from .compile import compile
+
+        for path in rules:
+            program = compile(path)
+            out().print(f"{path}: ok, {len(program.rules)} rules, {program.fingerprint[:19]}")
+
+    _run(body)
+
+
+@app.command()
+def fmt(
+    rules: RulesArg,
+    check: Annotated[
+        bool, typer.Option("--check", help="Change nothing; exit 1 if a file would change.")
+    ] = False,
+) -> None:
+    """Rewrite .ckmap files in canonical form (comments kept)."""
+
+    def body() -> None:
+        from .errors import RuleSyntaxError
+        from .io.write import write_text_atomically
+        from .syntax import format_text
+
+        changed = []
+        for path in rules:
+            if path.suffix != ".ckmap":
+                raise RuleSyntaxError(f"{path}: fmt formats .ckmap files", code="CKM111")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError as e:
+                raise RuleSyntaxError(
+                    f"{path}: cannot read ({e.strerror})", code="CKM112"
+                ) from None
+            new = format_text(text, path)
+            if new != text:
+                changed.append(path)
+                if not check:
+                    write_text_atomically(path, new)
+        verb = "would reformat" if check else "reformatted"
+        for path in changed:
+            out().print(f"{verb} {path}")
+        if check and changed:
+            raise typer.Exit(1)
+
+    _run(body)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the YAML/JSON rule file form."""
+    from .rules import RulesDocument
+
+    print(json.dumps(RulesDocument.json_schema(), indent=2))
+
+
+# --- inspect ------------------------------------------------------------------------------------
+
+
+@app.command()
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Keys, shapes and dtypes of a checkpoint, layer ranges collapsed (no tensor data read)."""
+
+    def body() -> None:
+        from .io import open_checkpoint
+
+        ckpt = open_checkpoint(checkpoint)
+        if json_out:
+            meta = ckpt.meta()
+            print(
+                json.dumps(
+                    {k: {"shape": list(m.shape), "dtype": m.dtype} for k, m in meta.items()},
+                    indent=2,
+                )
+            )
+        else:
+            print_inspect(out(), ckpt)
+
+    _run(body)
+
+
+_DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
+_DTYPE_BYTES = {
+    "float64": 8,
+    "int64": 8,
+    "uint64": 8,
+    "float32": 4,
+    "int32": 4,
+    "uint32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int16": 2,
+    "uint16": 2,
+}
+
+
+def print_inspect(console: Console, ckpt: Checkpoint) -> None:
+    from .report import collapse_keys
+
+    meta = ckpt.meta()
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for key, m in meta.items():
+        groups[(m.shape, m.dtype)].append(key)
+    order = {k: i for i, k in enumerate(meta)}
+    rows = []
+    for (shape, dtype), keys in groups.items():
+        for pattern, count in collapse_keys(keys):
+            first = next(k for k in keys if _first_match_of(pattern, k))
+            rows.append((order[first], pattern, shape, dtype, count))
+    table = Table(box=None, show_header=True, header_style="bold")
+    for col in ("key", "shape", "dtype", "count"):
+        table.add_column(col, justify="right" if col == "count" else "left", overflow="fold")
+    for _, pattern, shape, dtype, count in sorted(rows):
+        table.add_row(
+            pattern,
+            str(list(shape)),
+            _DTYPE_SHORT.get(dtype or "", dtype or "?"),
+            f"×{count}" if count > 1 else "",  # noqa: RUF001
+        )
+    console.print(table)
+    numel = sum(_numel(m.shape) for m in meta.values())
+    size = sum(_numel(m.shape) * _DTYPE_BYTES.get(m.dtype or "", 1) for m in meta.values())
+    console.print(f"{len(meta)} tensors, {numel:,} values, {_human(size)}")
+
+
+def _first_match_of(pattern: str, key: str) -> bool:
+    import re
+
+    regex = re.sub(r"\\\{[^}]*\\\}", r"\\d+", re.escape(pattern))
+    return re.fullmatch(regex, key) is not None
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
+
+
+# --- plan / apply -----------------------------------------------------------------------------
+
+
+def _target(spec: str | None) -> Any:
+    if spec is None:
+        return None
+    path = Path(spec)
+    if path.suffix == ".json" and path.is_file():
+        from .errors import CheckpointError
+        from .plan import TensorMeta
+
+        try:
+            data = json.loads(path.read_text())
+            return {k: TensorMeta(tuple(int(d) for d in v)) for k, v in data.items()}
+        except (ValueError, TypeError, AttributeError) as e:
+            raise CheckpointError(
+                f"{path}: not a JSON object of {{name: [shape]}} ({e})", code="CKM540"
+            ) from None
+    if path.exists():
+        return path
+    if ":" in spec:
+        return _build_on_meta(spec)
+    from .errors import CheckpointError
+
+    raise CheckpointError(
+        f"{spec}: no such checkpoint, JSON file or package.module:factory", code="CKM501"
+    )
+
+
+def _build_on_meta(spec: str) -> Any:
+    """`package.module:factory` built on the meta device: shapes without memory."""
+    import importlib
+
+    import torch
+
+    from .errors import CheckpointError
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise CheckpointError(f"{spec}: cannot import the factory ({e})", code="CKM541") from None
+    with torch.device("meta"):
+        return factory()
+
+
+@app.command()
+def plan(
+    rules: RulesArg,
+    source: SourceOpt,
+    target: TargetOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Dry run: what every source tensor becomes, from names and shapes only."""
+
+    def body() -> None:
+        from .compile import compile
+
+        the_plan = compile(list(rules)).plan(source, _target(target))
+        if json_out:
+            print(the_plan.to_json())
+        else:
+            print_plan(out(), the_plan)
+        if not the_plan.ok:
+            raise typer.Exit(1)
+
+    _run(body)
+
+
+def print_plan(console: Console, the_plan: Plan) -> None:
+    from .report import collapse_keys, render_problems
+
+    groups: dict[tuple, list] = defaultdict(list)
+    for e in the_plan.sources:
+        groups[(e.status, e.reason, tuple(e.rules))].append(e)
+    table = Table(box=None, show_header=True, header_style="bold")
+    for col in ("source", "target", "status", "rule"):
+        table.add_column(col, overflow="fold")
+    for (status, reason, rules), entries in groups.items():
+        sources = [p for p, _ in collapse_keys(e.source for e in entries)]
+        targets = [p for p, _ in collapse_keys(e.target for e in entries)]
+        pairs = (
+            zip(sources, targets, strict=True)
+            if len(sources) == len(targets)
+            else ([(s, "") for s in sources])
+        )
+        rule = the_plan.rules[rules[-1]].text if rules else ""
+        label = status if not reason else f"{status} ({reason})"
+        for s, t in pairs:
+            table.add_row(s, "" if t == s else t, label, rule)
+    console.print(table)
+    counts = defaultdict(int)
+    for e in the_plan.sources:
+        counts[e.status] += 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    if the_plan.targets is not None:
+        tcounts = defaultdict(int)
+        for t in the_plan.targets:
+            tcounts[t.status] += 1
+        summary += "; target: " + ", ".join(f"{n} {k}" for k, n in sorted(tcounts.items()))
+    console.print(f"{len(the_plan.sources)} source tensors: {summary}", markup=False)
+    if the_plan.problems:
+        console.print("problems:")
+        for line in render_problems(the_plan.problems, the_plan):
+            console.print(f"  {line}", markup=False)
+    for i in the_plan.unused_rules:
+        console.print(f"unused rule: {the_plan.rules[i]}", markup=False)
+    console.print(f"plan {the_plan.fingerprint[:19]}  {'ok' if the_plan.ok else 'has problems'}")
+
+
+@app.command()
+def apply(
+    rules: RulesArg,
+    source: SourceOpt,
+    out_path: Annotated[
+        Path, typer.Option("--out", "-o", help="The checkpoint to write (.safetensors or .pt).")
+    ],
+    target: TargetOpt = None,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Also write the report as JSON.")
+    ] = None,
+) -> None:
+    """Map a checkpoint under the rules and write the result atomically."""
+
+    def body() -> None:
+        from .compile import compile
+        from .io.write import provenance, refuse_overwriting_source, save
+
+        refuse_overwriting_source(out_path, [source])
+        program = compile(list(rules))
+        the_plan = program.plan(source, _target(target)).check()
+        mapped = the_plan.apply(source)
+        save(mapped, out_path, provenance(program.fingerprint, the_plan.fingerprint, [source]))
+        the_report = the_plan.report()
+        out().print(str(the_report), markup=False)
+        out().print(f"wrote {out_path} ({len(mapped)} tensors)")
+        if report is not None:
+            from .io.write import write_text_atomically
+
+            write_text_atomically(report, the_report.model_dump_json(indent=2) + "\n")
+
+    _run(body)
+
+
+@app.command()
+def demo() -> None:
+    """Fine-tune recipe end to end on a built-in example (no downloads)."""
+
+    def body() -> None:
+        from .demo import run
+
+        run(out())
+
+    _run(body)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
