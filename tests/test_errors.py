@@ -45,7 +45,9 @@ def test_every_error_is_a_ckptmap_error_with_a_phase():
 def test_long_problem_lists_end_in_and_n_more():
     source = {f"old.{i}.w": (1,) for i in range(40)}
     plan = ckptmap.compile("").plan(source, {f"new.{i}.w": (1,) for i in range(40)})
-    text = str(pytest.raises(PlanError, plan.check).value)
+    with pytest.raises(PlanError) as info:
+        plan.check()
+    text = str(info.value)
     assert "unexpected (on unexpected error): 40 source keys the target does not have:" in text
     assert "old.{0..39}.w" in text
     assert "new.{0..39}.w" in text
