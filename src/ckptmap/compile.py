@@ -35,7 +35,6 @@ from .syntax import load_rules, parse
 if TYPE_CHECKING:
     from .plan import Plan
 
-RulesLike = "Ruleset | Program | str | Path"
 DEFAULT_POLICIES = {"mismatch": "error", "missing": "error", "unexpected": "error"}
 
 SKIP = object()  # what a `skip` step returns for a key it drops

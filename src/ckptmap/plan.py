@@ -203,9 +203,6 @@ class Plan(BaseModel):
         """Source key -> target key, for the tensors that are loaded."""
         return {e.source: e.target for e in self.sources if e.status == "loaded"}
 
-    def rule(self, rule_id: int) -> RuleInfo:
-        return self.rules[rule_id]
-
     def check(self) -> Plan:
         """Raise `PlanError` listing every error; return the plan when it has none."""
         if self.errors:

@@ -36,21 +36,12 @@ class TorchCheckpoint(Checkpoint):
 
     @cached_property
     def state(self) -> dict[str, torch.Tensor]:
-        import torch
-
         try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise CheckpointError(f"{self.path}: cannot load ({e})", code="CKM520") from None
+            obj = self._load(mmap=True)
+        except CheckpointError as e:
+            if "mmap" not in e.message:
+                raise
             obj = self._load(mmap=False)  # legacy (non-zip) files cannot be mapped
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(
-                f"{self.path}: refused: the pickle is not weights-only ({str(e).splitlines()[0]})",
-                code="CKM521",
-            ) from None
-        except Exception as e:
-            raise CheckpointError(f"{self.path}: cannot load ({e})", code="CKM520") from None
         return _pick_state_dict(obj, self.select, self.path)
 
     def _load(self, mmap: bool) -> Any:
@@ -59,8 +50,10 @@ class TorchCheckpoint(Checkpoint):
         try:
             return torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
+            lines = str(e).splitlines()
+            why = next((ln.strip() for ln in lines if "GLOBAL" in ln or "global" in ln), lines[0])
             raise CheckpointError(
-                f"{self.path}: refused: the pickle is not weights-only ({str(e).splitlines()[0]})",
+                f"{self.path}: refused: the pickle is not weights-only ({why}); nothing was run",
                 code="CKM521",
             ) from None
         except Exception as e:

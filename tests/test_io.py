@@ -1,0 +1,69 @@
+"""Checkpoint readers: torch pickles (safely), nested training checkpoints, safetensors headers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import ckptmap
+from ckptmap.io import open_checkpoint
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(1), "x": Payload()}, path)
+    with pytest.raises(ckptmap.CheckpointError) as info:
+        open_checkpoint(path).meta()
+    assert info.value.code == "CKM521"
+    assert "posix.system" in info.value.message or "system" in info.value.message
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_legacy_non_zip_file_loads(tmp_path):
+    path = tmp_path / "legacy.pt"
+    torch.save({"a": torch.arange(3.0)}, path, _use_new_zipfile_serialization=False)
+    ckpt = open_checkpoint(path)
+    assert ckpt.meta()["a"].shape == (3,)
+    assert torch.equal(ckpt.get("a"), torch.arange(3.0))
+
+
+def test_nested_training_checkpoint_is_picked(tmp_path):
+    path = tmp_path / "train.pt"
+    torch.save({"epoch": 3, "model": {"w": torch.ones(2)}, "optimizer": {"lr": 0.1}}, path)
+    assert list(open_checkpoint(path).meta()) == ["w"]
+
+
+def test_ambiguous_nesting_lists_the_candidates(tmp_path):
+    path = tmp_path / "train.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "ema": {"w": torch.zeros(2)}}, path)
+    with pytest.raises(ckptmap.CheckpointError) as info:
+        open_checkpoint(path).meta()
+    assert "model" in info.value.message and "ema" in info.value.message
+    assert open_checkpoint(path, select="ema").get("w").sum() == 0
+
+
+def test_safetensors_plan_reads_the_header_only(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"module.w": torch.ones(2, 3, dtype=torch.bfloat16)}, path)
+    plan = ckptmap.compile('strip "module."').plan(path)
+    assert plan.sources[0].shape == [2, 3] and plan.sources[0].dtype == "bfloat16"
+    out = plan.apply(path)
+    assert torch.equal(out["w"], torch.ones(2, 3, dtype=torch.bfloat16))
+
+
+def test_truncated_safetensors_is_a_clear_error(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    save_file({"w": torch.ones(4)}, path)
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(ckptmap.CheckpointError) as info:
+        open_checkpoint(path).meta()
+    assert info.value.code == "CKM510"
