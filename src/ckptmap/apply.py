@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +12,7 @@ from .errors import LoadError, summarize
 if TYPE_CHECKING:
     import torch
 
+    from .io import Checkpoint
     from .plan import Plan
     from .report import Report
 
@@ -141,3 +142,54 @@ def migrate(
         source, target, on_mismatch=on_mismatch, on_missing=on_missing, on_unexpected=on_unexpected
     )
     return apply_plan(plan, source), plan.report()
+
+
+def write_plan(
+    plan: Plan,
+    checkpoint: Checkpoint,
+    out: Path,
+    *,
+    metadata: dict[str, str],
+    max_shard_size: int | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> list[Path]:
+    """Execute a plan file to file: each tensor is read, written and released in turn.
+
+    Tensors that were tied in the source (one tensor under several names) are
+    stored once and tied again when the output is read.
+    """
+    from .io.write import save_checkpoint
+    from .plan import TensorMeta
+
+    plan.check()
+    meta = checkpoint.meta()
+    problems = [
+        f"{e.source}: the checkpoint has {list(meta[e.source].shape)}, the plan {e.shape}"
+        for e in plan.sources
+        if e.source not in meta or list(meta[e.source].shape) != e.shape
+    ]
+    if problems or len(meta) != len(plan.sources):
+        raise LoadError(
+            "the checkpoint does not match the plan", code="CKM402", details=summarize(problems)
+        )
+    loaded = [e for e in plan.sources if e.status == "loaded"]
+    source_of = {e.target: e.source for e in loaded}
+    target_of = {e.source: e.target for e in loaded}
+    ties = checkpoint.ties()
+    order = {name: i for i, name in enumerate(meta)}
+    aliases = {}
+    for e in loaded:
+        # a tied group is stored under the name the source gives first (wte, not lm_head)
+        group = sorted((s for s in ties.get(e.source, ()) if s in target_of), key=order.get)
+        if group and target_of[group[0]] != e.target:
+            aliases[e.target] = target_of[group[0]]
+    items = [(e.target, TensorMeta(tuple(e.shape), meta[e.source].dtype)) for e in loaded]
+    return save_checkpoint(
+        out,
+        items,
+        lambda name: checkpoint.get(source_of[name]),
+        metadata=metadata,
+        aliases=aliases,
+        max_shard_size=max_shard_size,
+        on_bytes=on_bytes,
+    )

@@ -32,7 +32,15 @@ app = typer.Typer(
 _state = {"debug": False}
 
 RulesArg = Annotated[list[Path], typer.Argument(help="Rule files (.ckmap/.yaml/.json), in order.")]
-SourceOpt = Annotated[Path, typer.Option("--source", "-s", help="The checkpoint to map.")]
+SourceOpt = Annotated[
+    Path, typer.Option("--source", "-s", help="The checkpoint to map (a file or a model folder).")
+]
+SelectOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--select", help="Which nested weights of a training checkpoint (model, ema.module)."
+    ),
+]
 TargetOpt = Annotated[
     str | None,
     typer.Option(
@@ -140,7 +148,8 @@ def schema() -> None:
 
 @app.command()
 def inspect(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file.")],
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file or model folder.")],
+    select: SelectOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Keys, shapes and dtypes of a checkpoint, layer ranges collapsed (no tensor data read)."""
@@ -148,7 +157,7 @@ def inspect(
     def body() -> None:
         from .io import open_checkpoint
 
-        ckpt = open_checkpoint(checkpoint)
+        ckpt = open_checkpoint(checkpoint, select)
         if json_out:
             meta = ckpt.meta()
             print(
@@ -205,6 +214,8 @@ def print_inspect(console: Console, ckpt: Checkpoint) -> None:
     numel = sum(_numel(m.shape) for m in meta.values())
     size = sum(_numel(m.shape) * _DTYPE_BYTES.get(m.dtype or "", 1) for m in meta.values())
     console.print(f"{len(meta)} tensors, {numel:,} values, {_human(size)}")
+    for note in ckpt.notes:
+        console.print(f"note: {note}", markup=False)
 
 
 def _first_match_of(pattern: str, key: str) -> bool:
@@ -280,18 +291,24 @@ def plan(
     rules: RulesArg,
     source: SourceOpt,
     target: TargetOpt = None,
+    select: SelectOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Dry run: what every source tensor becomes, from names and shapes only."""
 
     def body() -> None:
         from .compile import compile
+        from .io import open_checkpoint
 
-        the_plan = compile(list(rules)).plan(source, _target(target))
+        ckpt = open_checkpoint(source, select)
+        the_plan = compile(list(rules)).plan(ckpt.describe(), _target(target))
         if json_out:
             print(the_plan.to_json())
         else:
-            print_plan(out(), the_plan)
+            console = out()
+            for note in ckpt.notes:
+                console.print(f"note: {note}", markup=False)
+            print_plan(console, the_plan)
         if not the_plan.ok:
             raise typer.Exit(1)
 
@@ -305,8 +322,10 @@ def print_plan(console: Console, the_plan: Plan) -> None:
     for e in the_plan.sources:
         groups[(e.status, e.reason, tuple(e.rules))].append(e)
     table = Table(box=None, show_header=True, header_style="bold")
-    for col in ("source", "target", "status", "rule"):
-        table.add_column(col, overflow="fold")
+    table.add_column("source", overflow="fold", ratio=1)
+    table.add_column("target", overflow="fold", ratio=1)
+    table.add_column("status", no_wrap=True)
+    table.add_column("rule", no_wrap=True)
     for (status, reason, rules), entries in groups.items():
         sources = [p for p, _ in collapse_keys(e.source for e in entries)]
         targets = [p for p, _ in collapse_keys(e.target for e in entries)]
@@ -315,7 +334,7 @@ def print_plan(console: Console, the_plan: Plan) -> None:
             if len(sources) == len(targets)
             else ([(s, "") for s in sources])
         )
-        rule = the_plan.rules[rules[-1]].text if rules else ""
+        rule = _rule_label(the_plan, rules[-1]) if rules else ""
         label = status if not reason else f"{status} ({reason})"
         for s, t in pairs:
             table.add_row(s, "" if t == s else t, label, rule)
@@ -339,36 +358,127 @@ def print_plan(console: Console, the_plan: Plan) -> None:
     console.print(f"plan {the_plan.fingerprint[:19]}  {'ok' if the_plan.ok else 'has problems'}")
 
 
+def _rule_label(the_plan: Plan, rule_id: int) -> str:
+    """`finetune.ckmap:3` for a rule from a file (the full text is in --json); else its text."""
+    info = the_plan.rules[rule_id]
+    if info.span is None or info.span.file is None:
+        return info.text
+    return f"{Path(info.span.file).name}:{info.span.line}"
+
+
 @app.command()
 def apply(
     rules: RulesArg,
     source: SourceOpt,
     out_path: Annotated[
-        Path, typer.Option("--out", "-o", help="The checkpoint to write (.safetensors or .pt).")
+        Path, typer.Option("--out", "-o", help="Where to write: a .safetensors or .pt file.")
     ],
     target: TargetOpt = None,
-    report: Annotated[
-        Path | None, typer.Option("--report", help="Also write the report as JSON.")
+    select: SelectOpt = None,
+    max_shard_size: Annotated[
+        str | None,
+        typer.Option(help="Write a sharded folder (--out) with shards of at most this (5GB)."),
     ] = None,
+    hash_source: Annotated[
+        bool, typer.Option(help="Record the source files' sha256 in the output's metadata.")
+    ] = False,
+    report: Annotated[Path | None, typer.Option(help="Also write the report as JSON.")] = None,
 ) -> None:
     """Map a checkpoint under the rules and write the result atomically."""
 
     def body() -> None:
-        from .compile import compile
-        from .io.write import provenance, refuse_overwriting_source, save
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
-        refuse_overwriting_source(out_path, [source])
+        from .apply import write_plan
+        from .compile import compile
+        from .io import open_checkpoint
+        from .io.write import check_destination, parse_size, provenance, refuse_overwriting_source
+
+        shard_size = parse_size(max_shard_size) if max_shard_size else None
+        ckpt = open_checkpoint(source, select)
+        refuse_overwriting_source(out_path, [ckpt.path, *ckpt.files])
+        check_destination(out_path, sharded=shard_size is not None)
         program = compile(list(rules))
-        the_plan = program.plan(source, _target(target)).check()
-        mapped = the_plan.apply(source)
-        save(mapped, out_path, provenance(program.fingerprint, the_plan.fingerprint, [source]))
+        the_plan = program.plan(ckpt.describe(), _target(target)).check()
+        console = out()
+        for note in ckpt.notes:
+            console.print(f"note: {note}", markup=False)
+        total = sum(
+            _numel(tuple(e.shape)) * _DTYPE_BYTES.get(e.dtype or "", 1)
+            for e in the_plan.sources
+            if e.status == "loaded"
+        )
+        columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=err(), disable=not err().is_terminal) as progress:
+            task = progress.add_task("writing", total=total)
+            written = write_plan(
+                the_plan,
+                ckpt,
+                out_path,
+                metadata=provenance(
+                    program.fingerprint, the_plan.fingerprint, ckpt.files, hash_source
+                ),
+                max_shard_size=shard_size,
+                on_bytes=lambda n: progress.advance(task, n),
+            )
         the_report = the_plan.report()
-        out().print(str(the_report), markup=False)
-        out().print(f"wrote {out_path} ({len(mapped)} tensors)")
+        console.print(str(the_report), markup=False)
+        console.print(
+            f"wrote {out_path} ({len(written)} file{'s' * (len(written) != 1)}, {_human(total)})"
+        )
         if report is not None:
             from .io.write import write_text_atomically
 
             write_text_atomically(report, the_report.model_dump_json(indent=2) + "\n")
+
+    _run(body)
+
+
+@app.command()
+def diff(
+    a: Annotated[Path, typer.Argument(help="A checkpoint file or folder.")],
+    b: Annotated[Path, typer.Argument(help="Another one.")],
+) -> None:
+    """What differs in names, shapes and dtypes between two checkpoints (exit 1 when anything does)."""
+
+    def body() -> None:
+        from .io import open_checkpoint
+        from .report import collapse_keys
+
+        meta_a, meta_b = open_checkpoint(a).meta(), open_checkpoint(b).meta()
+        console = out()
+        only_a = [k for k in meta_a if k not in meta_b]
+        only_b = [k for k in meta_b if k not in meta_a]
+        changed = [k for k in meta_a if k in meta_b and meta_a[k] != meta_b[k]]
+        for title, keys in ((f"only in {a.name}", only_a), (f"only in {b.name}", only_b)):
+            if keys:
+                console.print(f"{title} ({len(keys)}):", markup=False)
+                for pattern, count in collapse_keys(keys):
+                    console.print(
+                        f"  {pattern}" + (f"  ×{count}" if count > 1 else ""),  # noqa: RUF001
+                        markup=False,
+                    )
+        if changed:
+            console.print(f"changed ({len(changed)}):")
+            groups: dict[tuple, list[str]] = defaultdict(list)
+            for k in changed:
+                groups[(meta_a[k], meta_b[k])].append(k)
+            for (ma, mb), keys in groups.items():
+                for pattern, _ in collapse_keys(keys):
+                    console.print(
+                        f"  {pattern}  {list(ma.shape)} {ma.dtype} -> {list(mb.shape)} {mb.dtype}",
+                        markup=False,
+                    )
+        same = len(meta_a) - len(only_a) - len(changed)
+        console.print(f"{same} tensors with the same name, shape and dtype")
+        if only_a or only_b or changed:
+            raise typer.Exit(1)
 
     _run(body)
 

@@ -62,9 +62,10 @@ class ResNet(nn.Module):
 def run(console, workdir: Path | None = None) -> None:
     """Run the demo, printing each step to a rich console."""
     import ckptmap
+    from ckptmap.apply import write_plan
     from ckptmap.cli import print_inspect, print_plan
     from ckptmap.io import open_checkpoint
-    from ckptmap.io.write import provenance, save
+    from ckptmap.io.write import provenance
     from ckptmap.shipped import shipped_file
 
     with tempfile.TemporaryDirectory(prefix="ckptmap-demo-") as tmp:
@@ -90,9 +91,14 @@ def run(console, workdir: Path | None = None) -> None:
 
         console.rule("4. Apply: write the mapped checkpoint (atomically, with provenance)")
         out = folder / "resnet-5class.safetensors"
-        mapped = plan.apply(source)
-        save(mapped, out, provenance(program.fingerprint, plan.fingerprint, [source]))
-        console.print(f"wrote {out.name}: {len(mapped)} tensors")
+        checkpoint = open_checkpoint(source)
+        write_plan(
+            plan,
+            checkpoint,
+            out,
+            metadata=provenance(program.fingerprint, plan.fingerprint, [source]),
+        )
+        console.print(f"wrote {out.name}: {len(plan.mapping)} tensors")
 
         console.rule("5. Load into the 5-class model: validated, loaded, backbone frozen")
         report = ckptmap.load_into(model, out, 'init "fc"\nfreeze "**"\nunfreeze "fc"')

@@ -2,7 +2,7 @@
 
 `open_checkpoint(path)` returns a `Checkpoint` that describes its tensors
 (names, shapes, dtypes) without reading their data, and hands out tensors one
-at a time on demand.
+at a time on demand. Formats are told by their bytes, not their names.
 """
 
 from __future__ import annotations
@@ -12,24 +12,48 @@ from pathlib import Path
 from ..errors import CheckpointError
 from .base import Checkpoint
 from .safetensors import SafetensorsCheckpoint
+from .sharded import INDEX_NAMES, SINGLE_NAMES, ShardedCheckpoint
 from .torchfile import TorchCheckpoint
 
 __all__ = ["Checkpoint", "open_checkpoint"]
 
 
 def open_checkpoint(path: str | Path, select: str | None = None) -> Checkpoint:
-    """Open a checkpoint file by its format (safetensors, or a torch pickle)."""
+    """Open a checkpoint: a safetensors or torch file, or a (sharded) model folder.
+
+    `select` picks nested weights in a training checkpoint (`"model"`, `"ema.module"`).
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory", code="CKM501")
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file", code="CKM502")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if path.suffix == ".safetensors" or (
-        len(head) == 8
-        and not head.startswith(b"PK")
-        and path.suffix not in (".pt", ".pth", ".bin", ".ckpt")
-    ):
+        for name in INDEX_NAMES:
+            if (path / name).is_file():
+                return ShardedCheckpoint(path / name)
+        for name in SINGLE_NAMES:
+            if (path / name).is_file():
+                return open_file(path / name, select)
+        present = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+        raise CheckpointError(
+            f"{path}: a folder with no {INDEX_NAMES[0]} (or {INDEX_NAMES[1]}) and no single "
+            f"model file; it holds {present}",
+            code="CKM502",
+        )
+    return open_file(path, select)
+
+
+def open_file(path: Path, select: str | None = None) -> Checkpoint:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})", code="CKM501") from None
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # zip, or a legacy pickle
+        return TorchCheckpoint(path, select=select)
+    if (len(head) >= 9 and head[8:9] == b"{") or path.suffix == ".safetensors":
+        if select:
+            raise CheckpointError(f"{path}: --select is for torch checkpoints", code="CKM523")
         return SafetensorsCheckpoint(path)
-    return TorchCheckpoint(path, select=select)
+    raise CheckpointError(
+        f"{path}: neither a safetensors file nor a torch checkpoint", code="CKM503"
+    )

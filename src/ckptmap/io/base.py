@@ -13,23 +13,35 @@ if TYPE_CHECKING:
 
 
 class Checkpoint:
-    """A checkpoint on disk: metadata without data, tensors on demand."""
+    """A checkpoint on disk: metadata without data, tensors on demand.
+
+    `meta()` reads names, shapes and dtypes only (headers, where the format has
+    them); `get(name)` reads one tensor. `notes` says what the file holds
+    besides tensors; `files` are the files it is made of.
+    """
 
     def __init__(self, path: Path):
         self.path = path
+        self.notes: list[str] = []
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path]
 
     def meta(self) -> dict[str, TensorMeta]:
-        """Name -> (shape, dtype), from headers only where the format allows."""
         raise NotImplementedError
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read now."""
         raise NotImplementedError
+
+    def ties(self) -> dict[str, tuple[str, ...]]:
+        """Names whose tensors are one tensor stored once (tied weights), grouped."""
+        return {}
 
     def describe(self) -> Described:
         from ..plan import Described
 
-        return Described(self.meta())
+        return Described(self.meta(), self.ties())
 
     def tensors(self) -> Mapping[str, torch.Tensor]:
         """A read-only mapping that reads each tensor when it is looked up."""
@@ -39,15 +51,15 @@ class Checkpoint:
 class LazyTensors(Mapping):
     def __init__(self, checkpoint: Checkpoint):
         self._checkpoint = checkpoint
-        self._keys = list(checkpoint.meta())
+        self._meta = checkpoint.meta()
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._checkpoint.meta():
+        if name not in self._meta:
             raise KeyError(name)
         return self._checkpoint.get(name)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
+        return iter(self._meta)
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._meta)

@@ -1,12 +1,19 @@
-"""safetensors files: the header is read on its own, tensors lazily through safe_open."""
+"""safetensors: a header read and checked on its own; tensors read lazily; a streaming writer.
+
+The header is validated before anything trusts it: its length against the
+file size, JSON, every entry's dtype, shape and byte range (inside the data,
+the size its shape and dtype need, no two ranges overlapping).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import struct
+from collections.abc import Callable, Iterable
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 from .base import Checkpoint
@@ -16,75 +23,176 @@ if TYPE_CHECKING:
 
     from ..plan import TensorMeta
 
-DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "U16": "uint16",
-    "U32": "uint32",
-    "U64": "uint64",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
+# safetensors dtype code -> (torch dtype name, bytes per element)
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U64": ("uint64", 8),
+    "U32": ("uint32", 4),
+    "U16": ("uint16", 2),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
+CODES = {name: code for code, (name, _) in DTYPES.items()}
+ALIASES_KEY = "ckptmap.aliases"  # {name: stored name} for tensors stored once (tied)
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The validated header of a safetensors file, and where its data starts."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(
+                    f"{path}: {size} bytes, too short to be a safetensors file", code="CKM510"
+                )
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER or 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: the header claims {n} bytes but the file has {size - 8} after the "
+                    "length (truncated, or not safetensors)",
+                    code="CKM510",
+                )
+            body = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})", code="CKM501") from None
+    try:
+        header = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{path}: the header is not valid JSON ({e})", code="CKM511"
+        ) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the header is not a JSON object", code="CKM511")
+    _validate(path, header, size - 8 - n)
+    return header, 8 + n
+
+
+def _validate(path: Path, header: dict[str, Any], data_size: int) -> None:
+    def bad(name: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor {name!r}: {why}", code="CKM511")
+
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings", code="CKM511")
+    ranges = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise bad(name, "its entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPES:
+            raise bad(name, f"unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise bad(name, f"shape {shape!r} is not a list of sizes")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise bad(name, f"data_offsets {offsets!r} is not [begin, end]")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise bad(name, f"data_offsets {offsets} run backwards")
+        if end > data_size:
+            raise bad(
+                name, f"data_offsets {offsets} run past the end of the data ({data_size} bytes)"
+            )
+        need = math.prod(shape) * DTYPES[dtype][1]
+        if end - begin != need:
+            raise bad(name, f"{end - begin} bytes for shape {shape} {dtype}, which needs {need}")
+        ranges.append((begin, end, name))
+    reach, reaching = 0, ""  # the furthest end so far, and whose it is
+    for begin, end, name in sorted(ranges):
+        if begin == end:  # zero-size tensors overlap nothing
+            continue
+        if begin < reach:
+            raise CheckpointError(
+                f"{path}: tensors {reaching!r} and {name!r} overlap (bytes {begin}..{reach})",
+                code="CKM511",
+            )
+        reach, reaching = end, name
 
 
 class SafetensorsCheckpoint(Checkpoint):
     def __init__(self, path: Path):
         super().__init__(path)
         self._handle = None
+        self._cache: dict[str, Any] = {}
 
     @cached_property
-    def header(self) -> dict:
+    def _header(self) -> tuple[dict[str, Any], int]:
+        return read_header(self.path)
+
+    @property
+    def header(self) -> dict[str, Any]:
+        return self._header[0]
+
+    @property
+    def data_start(self) -> int:
+        return self._header[1]
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.get("__metadata__", {})
+
+    @cached_property
+    def aliases(self) -> dict[str, str]:
+        """Tied tensors that a ckptmap writer stored once: {alias: stored name}."""
+        raw = self.metadata.get(ALIASES_KEY)
+        if raw is None:
+            return {}
         try:
-            with open(self.path, "rb") as f:
-                raw = f.read(8)
-                if len(raw) < 8:
-                    raise CheckpointError(
-                        f"{self.path}: too short to be safetensors", code="CKM510"
-                    )
-                (n,) = struct.unpack("<Q", raw)
-                body = f.read(n)
-        except OSError as e:
+            aliases = json.loads(raw)
+            assert isinstance(aliases, dict)
+            assert all(isinstance(v, str) and v in self.header for v in aliases.values())
+        except (ValueError, AssertionError):
             raise CheckpointError(
-                f"{self.path}: cannot read ({e.strerror})", code="CKM501"
+                f"{self.path}: malformed {ALIASES_KEY} metadata", code="CKM511"
             ) from None
-        if len(body) < n:
-            raise CheckpointError(f"{self.path}: header cut short", code="CKM510")
-        try:
-            header = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{self.path}: header is not JSON ({e})", code="CKM511") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path}: header is not a JSON object", code="CKM511")
-        return header
+        return aliases
 
     def meta(self) -> dict[str, TensorMeta]:
         from ..plan import TensorMeta
 
-        out = {}
-        for name, info in self.header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                out[name] = TensorMeta(
-                    tuple(int(d) for d in info["shape"]), DTYPES.get(info["dtype"], info["dtype"])
-                )
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(
-                    f"{self.path}: malformed header entry for {name!r}", code="CKM511"
-                ) from None
+        out = {
+            name: TensorMeta(tuple(info["shape"]), DTYPES[info["dtype"]][0])
+            for name, info in self.header.items()
+            if name != "__metadata__"
+        }
+        for alias, stored in self.aliases.items():
+            out[alias] = out[stored]
         return out
 
+    def ties(self) -> dict[str, tuple[str, ...]]:
+        groups: dict[str, list[str]] = {}
+        for alias, stored in self.aliases.items():
+            groups.setdefault(stored, [stored]).append(alias)
+        return {k: tuple(sorted(g)) for g in groups.values() for k in g}
+
     def get(self, name: str) -> torch.Tensor:
+        name = self.aliases.get(name, name)
+        if name in self._cache:  # tied names hand back one tensor
+            return self._cache[name]
         from safetensors import safe_open
 
+        if name not in self.header or name == "__metadata__":
+            raise KeyError(name)
         if self._handle is None:
             try:
                 self._handle = safe_open(str(self.path), framework="pt")
@@ -92,4 +200,58 @@ class SafetensorsCheckpoint(Checkpoint):
                 raise CheckpointError(
                     f"{self.path}: not a valid safetensors file ({e})", code="CKM512"
                 ) from None
-        return self._handle.get_tensor(name)
+        tensor = self._handle.get_tensor(name)
+        if self.aliases and name in self.aliases.values():
+            self._cache[name] = tensor
+        return tensor
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def write(
+    f: IO[bytes],
+    items: Iterable[tuple[str, TensorMeta]],
+    fetch: Callable[[str], torch.Tensor],
+    metadata: dict[str, str],
+    on_bytes: Callable[[int], None] | None = None,
+) -> None:
+    """Stream tensors into a safetensors file: the header from metadata, then one tensor at a time.
+
+    `items` are (name, meta) in the order to store them; `fetch(name)` reads a
+    tensor when its turn comes, and it is released right after it is written.
+    """
+    import torch
+
+    items = list(items)
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, m in items:
+        if m.dtype not in CODES:
+            raise CheckpointError(
+                f"{name}: dtype {m.dtype} cannot be stored in safetensors", code="CKM533"
+            )
+        size = math.prod(m.shape) * DTYPES[CODES[m.dtype]][1]
+        header[name] = {
+            "dtype": CODES[m.dtype],
+            "shape": list(m.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for name, m in items:
+        tensor = fetch(name)
+        if tuple(tensor.shape) != tuple(m.shape) or str(tensor.dtype) != f"torch.{m.dtype}":
+            raise CheckpointError(
+                f"{name}: the tensor is {list(tensor.shape)} {tensor.dtype}, the plan said "
+                f"{list(m.shape)} {m.dtype}",
+                code="CKM534",
+            )
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        f.write(memoryview(data))
+        if on_bytes:
+            on_bytes(data.nbytes)
+        del tensor, data

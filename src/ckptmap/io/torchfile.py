@@ -1,4 +1,9 @@
-"""torch pickles (.pt/.pth/.bin): always weights_only=True, mmap where the format allows."""
+"""torch pickles (.pt/.pth/.bin): always weights_only=True, mmap where the format allows.
+
+A pickle that tries to run code is refused and nothing in it runs. Training
+checkpoints that nest the weights (`{"epoch": 90, "model": {...}}`) are
+unwrapped when one candidate is clear; otherwise `select` names it.
+"""
 
 from __future__ import annotations
 
@@ -15,19 +20,6 @@ if TYPE_CHECKING:
 
     from ..plan import TensorMeta
 
-# keys that training scripts nest the weights under, most specific first
-NESTED = (
-    "state_dict",
-    "model_state_dict",
-    "model",
-    "module",
-    "ema",
-    "state_dict_ema",
-    "model_ema",
-    "params",
-    "weights",
-)
-
 
 class TorchCheckpoint(Checkpoint):
     def __init__(self, path: Path, select: str | None = None):
@@ -42,7 +34,8 @@ class TorchCheckpoint(Checkpoint):
             if "mmap" not in e.message:
                 raise
             obj = self._load(mmap=False)  # legacy (non-zip) files cannot be mapped
-        return _pick_state_dict(obj, self.select, self.path)
+        state, self.notes = pick_state_dict(obj, self.select, self.path)
+        return state
 
     def _load(self, mmap: bool) -> Any:
         import torch
@@ -57,42 +50,69 @@ class TorchCheckpoint(Checkpoint):
                 code="CKM521",
             ) from None
         except Exception as e:
-            raise CheckpointError(f"{self.path}: cannot load ({e})", code="CKM520") from None
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{self.path}: cannot load ({first})", code="CKM520") from None
 
     def meta(self) -> dict[str, TensorMeta]:
         from ..plan import TensorMeta, dtype_name
 
         return {k: TensorMeta(tuple(t.shape), dtype_name(t.dtype)) for k, t in self.state.items()}
 
+    def ties(self) -> dict[str, tuple[str, ...]]:
+        from ..plan import _ties
+
+        return _ties(self.state)
+
     def get(self, name: str) -> torch.Tensor:
         return self.state[name]
 
 
-def _pick_state_dict(obj: Any, select: str | None, path: Path) -> dict[str, torch.Tensor]:
+def _has_tensors(obj: Any) -> bool:
     import torch
 
+    return isinstance(obj, dict) and any(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def pick_state_dict(obj: Any, select: str | None, path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The tensors of a (possibly nested) checkpoint, and notes on what else it holds."""
+    import torch
+
+    where = "the checkpoint"
     if select:
         for part in select.split("."):
             if not isinstance(obj, dict) or part not in obj:
-                raise CheckpointError(f"{path}: no {select!r} in the checkpoint", code="CKM523")
+                keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+                raise CheckpointError(
+                    f"{path}: no {select!r} in the checkpoint (at this level: {keys})",
+                    code="CKM523",
+                )
             obj = obj[part]
+        where = repr(select)
     if not isinstance(obj, dict):
         raise CheckpointError(
-            f"{path}: holds a {type(obj).__name__}, not a state_dict", code="CKM523"
+            f"{path}: {where} holds a {type(obj).__name__}, not a state_dict", code="CKM523"
         )
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    candidates = [
-        k
-        for k in NESTED
-        if isinstance(obj.get(k), dict)
-        and any(isinstance(v, torch.Tensor) for v in obj[k].values())
+    candidates = [k for k, v in obj.items() if _has_tensors(v)]
+    if not select and not _has_tensors(obj):
+        if len(candidates) > 1:
+            raise CheckpointError(
+                f"{path}: several sets of weights inside ({', '.join(map(str, candidates))}); "
+                "choose one with --select",
+                code="CKM524",
+            )
+        if not candidates:
+            raise CheckpointError(f"{path}: no tensors found in the checkpoint", code="CKM523")
+        picked = candidates[0]
+        notes = [f"weights taken from {picked!r}"] + [
+            f"{k!r} ({type(v).__name__}) left out" for k, v in obj.items() if k != picked
+        ]
+        obj = obj[picked]
+    else:
+        notes = [f"weights taken from {where}"] if select else []
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    notes += [
+        f"{k!r} ({type(v).__name__}) is not a tensor, left out"
+        for k, v in obj.items()
+        if k not in tensors
     ]
-    if len(candidates) == 1 and not select:
-        return {k: v for k, v in obj[candidates[0]].items() if isinstance(v, torch.Tensor)}
-    if len(candidates) > 1:
-        raise CheckpointError(
-            f"{path}: several state_dicts inside ({', '.join(candidates)}); choose one with select",
-            code="CKM524",
-        )
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return tensors, notes

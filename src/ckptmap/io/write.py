@@ -1,81 +1,227 @@
-"""Writing checkpoints atomically: a temp file in the destination folder, fsync, rename."""
+"""Writing checkpoints atomically: nothing appears at the destination until it is complete.
+
+A file is written to a temporary name in the destination folder, fsynced and
+renamed over; a sharded folder is built under a temporary name beside the
+destination and renamed into place. A process killed mid-write leaves nothing
+at the destination (its partial file is cleaned up by the next write there).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
-from collections.abc import Mapping
+import re
+import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
+from . import safetensors as st
 
 if TYPE_CHECKING:
     import torch
 
+    from ..plan import TensorMeta
 
-def refuse_overwriting_source(out: Path, sources: list[Path]) -> None:
-    """The output may never be (or be inside) a source: checked before any work."""
-    out = out.resolve()
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+PARTIAL = ".ckptmap-partial-"
+
+
+def refuse_overwriting_source(out: Path, sources: Iterable[Path]) -> None:
+    """The output may never be, contain, or sit inside a source: checked before any work."""
+    out = Path(out).resolve()
     for src in sources:
         src = Path(src).resolve()
-        if out == src or (src.is_dir() and out.is_relative_to(src)):
+        if out == src or out.is_relative_to(src) or src.is_relative_to(out):
             raise CheckpointError(f"{out}: refusing to write over the source {src}", code="CKM530")
 
 
-def save(tensors: Mapping[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
-    """Write `tensors` to `out` (.safetensors, or a torch file for .pt/.pth/.bin), atomically."""
-    import torch
-
+def check_destination(out: Path, sharded: bool) -> None:
+    """Fail early (before any work) on a destination that cannot be written."""
     out = Path(out)
-    folder = out.parent if str(out.parent) else Path(".")
+    if sharded:
+        if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+            raise CheckpointError(
+                f"{out}: already exists; a sharded output needs a new folder", code="CKM531"
+            )
+    elif out.suffix not in (".safetensors", *TORCH_SUFFIXES):
+        raise CheckpointError(
+            f"{out}: name a .safetensors or .pt file (or give --max-shard-size for a folder)",
+            code="CKM531",
+        )
+    elif out.is_dir():
+        raise CheckpointError(f"{out}: is a folder", code="CKM531")
+    folder = out.parent
     if not folder.is_dir():
         raise CheckpointError(f"{out}: the folder {folder} does not exist", code="CKM531")
-    tmp = folder / f".{out.name}.ckptmap-partial-{os.getpid()}"
-    try:
-        if out.suffix == ".safetensors":
-            from safetensors.torch import save_file
+    if not os.access(folder, os.W_OK):
+        raise CheckpointError(f"{out}: the folder {folder} is not writable", code="CKM532")
 
-            save_file(_unshared(tensors), str(tmp), metadata=metadata)
-        else:
-            torch.save(dict(tensors), tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '1000' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, re.I)
+    if not m:
+        raise CheckpointError(f"{text!r} is not a size like 5GB or 500MB", code="CKM535")
+    unit = m.group(2).upper().rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    power = "KMGT".index(unit[0]) + 1 if unit else 0
+    return int(float(m.group(1)) * base**power)
+
+
+def save_checkpoint(
+    out: Path,
+    items: list[tuple[str, TensorMeta]],
+    fetch: Callable[[str], torch.Tensor],
+    *,
+    metadata: dict[str, str],
+    aliases: dict[str, str] | None = None,
+    max_shard_size: int | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> list[Path]:
+    """Write the tensors named in `items` (read one at a time through `fetch`), atomically.
+
+    `aliases` maps a name to the name it is tied to: stored once, restored on read.
+    Returns the files written.
+    """
+    out = Path(out)
+    aliases = dict(aliases or {})
+    check_destination(out, sharded=max_shard_size is not None)
+    _clean_stale_partials(out)
+    if max_shard_size is not None:
+        return _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes)
+    tmp = out.parent / f".{out.name}{PARTIAL}{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            if out.suffix == ".safetensors":
+                stored = [(n, m) for n, m in items if n not in aliases]
+                meta = dict(metadata)
+                if aliases:
+                    meta[st.ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
+                st.write(f, stored, fetch, meta, on_bytes)
+            else:
+                _write_torch(f, items, fetch, aliases, on_bytes)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, out)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(out.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"{out}: cannot write ({e.strerror})", code="CKM532") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return [out]
 
 
-def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory: give each its own contiguous copy."""
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for name, t in tensors.items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset())
-        shared = t.numel() > 0 and ident in seen
-        seen.add(ident)
-        out[name] = t.clone().contiguous() if shared or not t.is_contiguous() else t
-    return out
+def _write_torch(f, items, fetch, aliases, on_bytes) -> None:
+    import torch
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, _ in items:
+        if name in aliases:
+            continue
+        tensors[name] = fetch(name)
+        if on_bytes:
+            on_bytes(tensors[name].numel() * tensors[name].element_size())
+    for alias, stored in aliases.items():
+        tensors[alias] = tensors[stored]  # torch.save keeps the sharing
+    torch.save({n: tensors[n] for n, _ in items}, f)
+
+
+def _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes) -> list[Path]:
+    stored = [(n, m) for n, m in items if n not in aliases]
+    shards: list[list[tuple[str, TensorMeta]]] = [[]]
+    size = 0
+    for name, m in stored:
+        nbytes = math.prod(m.shape) * st.DTYPES[st.CODES[m.dtype]][1] if m.dtype in st.CODES else 0
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, m))
+        size += nbytes
+    count = len(shards)
+    names = [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    tmp = out.parent / f".{out.name}{PARTIAL}{os.getpid()}"
+    weight_map, total = {}, 0
+    try:
+        tmp.mkdir()
+        for file, shard in zip(names, shards, strict=True):
+            in_shard = {n for n, _ in shard}
+            shard_aliases = {a: s for a, s in aliases.items() if s in in_shard}
+            meta = dict(metadata)
+            if shard_aliases:
+                meta[st.ALIASES_KEY] = json.dumps(shard_aliases, sort_keys=True)
+            with open(tmp / file, "wb") as f:
+                st.write(f, shard, fetch, meta, on_bytes)
+                f.flush()
+                os.fsync(f.fileno())
+            for n, m in shard:
+                weight_map[n] = file
+                total += math.prod(m.shape) * st.DTYPES[st.CODES[m.dtype]][1]
+        index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+        with open(tmp / "model.safetensors.index.json", "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{out}: cannot write ({e.strerror})", code="CKM532") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [out / n for n in names] + [out / "model.safetensors.index.json"]
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _clean_stale_partials(out: Path) -> None:
+    """Remove what an earlier, killed write to the same destination left behind."""
+    for partial in out.parent.glob(f".{out.name}{PARTIAL}*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            if partial.is_dir():
+                shutil.rmtree(partial, ignore_errors=True)
+            else:
+                partial.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def provenance(
-    rules_fingerprint: str, plan_fingerprint: str, sources: list[Path]
+    rules_fingerprint: str, plan_fingerprint: str, sources: list[Path], hash_source: bool = False
 ) -> dict[str, str]:
+    """What the output came from: ckptmap version, rules and plan fingerprints, source identity."""
     from ..version import __version__
 
-    identity = [{"name": Path(s).name, "bytes": Path(s).stat().st_size} for s in sources]
+    identity = []
+    for s in sources:
+        entry: dict[str, object] = {"name": Path(s).name, "bytes": Path(s).stat().st_size}
+        if hash_source:
+            entry["sha256"] = _sha256(Path(s))
+        identity.append(entry)
     return {
         "ckptmap.version": __version__,
         "ckptmap.rules_fingerprint": rules_fingerprint,
@@ -84,10 +230,18 @@ def provenance(
     }
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """Replace a text file (a rule file, a report) with no moment where it is half written."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}.ckptmap-partial-{os.getpid()}"
+    tmp = path.parent / f".{path.name}{PARTIAL}{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)

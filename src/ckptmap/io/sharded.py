@@ -1,0 +1,101 @@
+"""Sharded checkpoints: a folder with `model.safetensors.index.json` (or the .bin index).
+
+Every file the index's `weight_map` names must resolve inside the folder;
+anything else is refused before a byte of it is read.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import CheckpointError
+from .base import Checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..plan import TensorMeta
+
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
+
+
+class ShardedCheckpoint(Checkpoint):
+    """Tensors spread over several files, found through an index."""
+
+    def __init__(self, index: Path):
+        super().__init__(index.parent)
+        self.index = index
+        self._shards: dict[Path, Checkpoint] = {}
+
+    @cached_property
+    def weight_map(self) -> dict[str, Path]:
+        try:
+            data = json.loads(self.index.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(
+                f"{self.index}: not a readable JSON index ({e})", code="CKM513"
+            ) from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise CheckpointError(f"{self.index}: no weight_map of names to files", code="CKM513")
+        folder = self.path.resolve()
+        out = {}
+        for name, file in weight_map.items():
+            shard = (folder / file).resolve()
+            if not shard.is_relative_to(folder) or Path(file).is_absolute():
+                raise CheckpointError(
+                    f"{self.index}: {name!r} points outside the folder ({file!r}); refused",
+                    code="CKM514",
+                )
+            if not shard.is_file():
+                raise CheckpointError(
+                    f"{self.index}: {name!r} is in {file!r}, which is missing", code="CKM515"
+                )
+            out[name] = shard
+        return out
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.index, *sorted(set(self.weight_map.values()))]
+
+    def shard(self, path: Path) -> Checkpoint:
+        if path not in self._shards:
+            from . import open_file
+
+            self._shards[path] = open_file(path)
+        return self._shards[path]
+
+    @cached_property
+    def _located(self) -> dict[str, tuple[Path, TensorMeta]]:
+        """Every name -> (its shard, its meta), tied aliases a ckptmap writer stored included."""
+        out = {}
+        for name, path in self.weight_map.items():
+            meta = self.shard(path).meta()
+            if name not in meta:
+                raise CheckpointError(
+                    f"{self.index}: {name!r} should be in {path.name}, which does not hold it",
+                    code="CKM515",
+                )
+            out[name] = (path, meta[name])
+        for path in sorted(set(self.weight_map.values())):
+            for alias in getattr(self.shard(path), "aliases", {}):
+                out.setdefault(alias, (path, self.shard(path).meta()[alias]))
+        return out
+
+    def meta(self) -> dict[str, TensorMeta]:
+        return {name: meta for name, (_, meta) in self._located.items()}
+
+    def ties(self) -> dict[str, tuple[str, ...]]:
+        out: dict[str, tuple[str, ...]] = {}
+        for path in sorted(set(self.weight_map.values())):
+            out.update(self.shard(path).ties())
+        return out
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.shard(self._located[name][0]).get(name)
