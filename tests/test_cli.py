@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+import ckptmap
 from ckptmap.cli import app
 from ckptmap.demo import ResNet
 from ckptmap.shipped import shipped_file
@@ -204,3 +205,10 @@ def test_plan_golden(tmp_path, ddp_checkpoint, target_json):
     result = runner.invoke(app, args)
     assert result.exit_code == 0
     golden("cli_plan.txt", result.output.replace(str(tmp_path), "<tmp>"))
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    bad = tmp_path / "bad.ckmap"
+    bad.write_text('rename "a" "b"\n')
+    result = runner.invoke(app, ["--debug", "check", str(bad)])
+    assert isinstance(result.exception, ckptmap.RuleSyntaxError)

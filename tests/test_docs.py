@@ -4,17 +4,22 @@ Fences:  ```ckmap             parsed and compiled
          ```ckmap file=NAME   written to NAME (in a temp folder), then parsed and compiled
          ```yaml file=NAME    written to NAME
          ```python            run in order, in one namespace per page, in the temp folder
+         ```console           `$ ckptmap …` lines run in the temp folder; the lines after each
+                              are its exact output, and `[exit N]` its exit status
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 import ckptmap
+from ckptmap.cli import app
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```", re.S | re.M)
@@ -40,8 +45,32 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
             where = Path(file) if file else None
             ckptmap.compile(where if where else ckptmap.parse(body, f"{page.name}:{line}"))
             ran += 1
+        elif lang == "console":
+            run_console(body, page.name, line)
+            ran += 1
         elif lang == "python":
             code = compile("\n" * (line - 1) + body, str(page), "exec")
             exec(code, namespace)
             ran += 1
     assert ran or not os.path.getsize(page)
+
+
+def run_console(body: str, page: str, line: int) -> None:
+    runner = CliRunner(env={"COLUMNS": "100"})
+    sessions: list[tuple[str, list[str]]] = []
+    for text in body.splitlines():
+        if text.startswith("$ "):
+            sessions.append((text[2:], []))
+        elif sessions:
+            sessions[-1][1].append(text)
+    assert sessions, f"{page}:{line}: a console block without a $ command"
+    for command, expected in sessions:
+        args = shlex.split(command)
+        assert args[0] == "ckptmap", f"{page}:{line}: only ckptmap commands run here"
+        status = 0
+        if expected and expected[-1].startswith("[exit "):
+            status = int(expected.pop()[6:-1])
+        result = runner.invoke(app, args[1:])
+        got = [ln.rstrip() for ln in result.output.rstrip("\n").splitlines()]
+        assert got == [ln.rstrip() for ln in expected], f"{page}:{line}: $ {command}"
+        assert result.exit_code == status, f"{page}:{line}: $ {command}\n{result.output}"

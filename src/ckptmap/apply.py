@@ -141,7 +141,7 @@ def migrate(
     plan = compile(rules).plan(
         source, target, on_mismatch=on_mismatch, on_missing=on_missing, on_unexpected=on_unexpected
     )
-    return apply_plan(plan, source), plan.report()
+    return apply_plan(plan, source), plan.report(frozen=[])  # a state_dict has no requires_grad
 
 
 def write_plan(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import CkptmapError, PlanError
@@ -316,29 +317,32 @@ def plan(
 
 
 def print_plan(console: Console, the_plan: Plan) -> None:
+    """The plan grouped by what happened and which rule decided, key ranges collapsed."""
     from .report import collapse_keys, render_problems
 
     groups: dict[tuple, list] = defaultdict(list)
     for e in the_plan.sources:
         groups[(e.status, e.reason, tuple(e.rules))].append(e)
-    table = Table(box=None, show_header=True, header_style="bold")
-    table.add_column("source", overflow="fold", ratio=1)
-    table.add_column("target", overflow="fold", ratio=1)
-    table.add_column("status", no_wrap=True)
-    table.add_column("rule", no_wrap=True)
     for (status, reason, rules), entries in groups.items():
-        sources = [p for p, _ in collapse_keys(e.source for e in entries)]
-        targets = [p for p, _ in collapse_keys(e.target for e in entries)]
-        pairs = (
-            zip(sources, targets, strict=True)
-            if len(sources) == len(targets)
-            else ([(s, "") for s in sources])
-        )
-        rule = _rule_label(the_plan, rules[-1]) if rules else ""
         label = status if not reason else f"{status} ({reason})"
-        for s, t in pairs:
-            table.add_row(s, "" if t == s else t, label, rule)
-    console.print(table)
+        rule = f" via {the_plan.rules[rules[-1]]}" if rules else " (no rule matched)"
+        n = len(entries)
+        console.print(f"[bold]{label}[/bold]{escape(rule)}  [dim]{n} tensor{'s' * (n != 1)}[/dim]")
+        by_shape: dict[tuple, list] = defaultdict(list)
+        for e in entries:
+            by_shape[tuple(e.shape)].append(e)
+        lines = []
+        for shape, same in by_shape.items():
+            sources = [p for p, _ in collapse_keys(e.source for e in same)]
+            targets = [p for p, _ in collapse_keys(e.target for e in same)]
+            if len(sources) != len(targets):
+                targets = [""] * len(sources)
+            lines += [
+                (s if s == t or not t else f"{s} -> {t}", shape)
+                for s, t in zip(sources, targets, strict=True)
+            ]
+        for line, shape in sorted(lines):
+            console.print(f"  {line}  {list(shape)}", markup=False)
     counts = defaultdict(int)
     for e in the_plan.sources:
         counts[e.status] += 1
@@ -356,14 +360,6 @@ def print_plan(console: Console, the_plan: Plan) -> None:
     for i in the_plan.unused_rules:
         console.print(f"unused rule: {the_plan.rules[i]}", markup=False)
     console.print(f"plan {the_plan.fingerprint[:19]}  {'ok' if the_plan.ok else 'has problems'}")
-
-
-def _rule_label(the_plan: Plan, rule_id: int) -> str:
-    """`finetune.ckmap:3` for a rule from a file (the full text is in --json); else its text."""
-    info = the_plan.rules[rule_id]
-    if info.span is None or info.span.file is None:
-        return info.text
-    return f"{Path(info.span.file).name}:{info.span.line}"
 
 
 @app.command()
@@ -427,7 +423,7 @@ def apply(
                 max_shard_size=shard_size,
                 on_bytes=lambda n: progress.advance(task, n),
             )
-        the_report = the_plan.report()
+        the_report = the_plan.report(frozen=[])  # a file has no requires_grad
         console.print(str(the_report), markup=False)
         console.print(
             f"wrote {out_path} ({len(written)} file{'s' * (len(written) != 1)}, {_human(total)})"

@@ -161,7 +161,8 @@ def splice_includes(
             raise _error("CKM204", f"include cycle: {chain}", statement.span, here)
         if not path.is_file():
             raise _error("CKM206", f"included file not found: {path}", statement.span, here)
-        yield from splice_includes(load_rules(path), (*stack, path))
+        # spans name the file as the user would: relative to how the including file was named
+        yield from splice_includes(load_rules(base / statement.path), (*stack, path))
 
 
 def compile_rule(number: int, statement: Statement, text: str | None = None) -> Rule:
