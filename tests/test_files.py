@@ -363,3 +363,20 @@ def test_killed_apply_leaves_nothing_at_the_destination(tmp_path, ddp_rules):
     result = runner.invoke(app, ["apply", ddp_rules, "-s", str(source), "-o", str(out)])
     assert result.exit_code == 0 and out.exists()
     assert not list(tmp_path.glob(".out.safetensors.ckptmap-partial-*"))
+
+
+def test_write_plan_reports_every_byte_and_reads_one_tensor_at_a_time(tmp_path):
+    from ckptmap.apply import write_plan
+
+    source = tmp_path / "m.safetensors"
+    sd = state("module.")
+    save_file(sd, source)
+    ckpt = open_checkpoint(source)
+    reads = []
+    original_get = ckpt.get
+    ckpt.get = lambda name: reads.append(name) or original_get(name)
+    plan = ckptmap.compile('strip "module."').plan(ckpt)
+    seen = []
+    write_plan(plan, ckpt, tmp_path / "out.safetensors", metadata={}, on_bytes=seen.append)
+    assert sum(seen) == sum(v.numel() * v.element_size() for v in sd.values())
+    assert sorted(reads) == sorted(sd)  # each tensor read exactly once

@@ -17,12 +17,22 @@ if TYPE_CHECKING:
     from .report import Report
 
 
-def _tensors(source: Any) -> Mapping[str, torch.Tensor]:
-    """The source's tensors, by name (a checkpoint file is opened lazily)."""
+def _opened(source: Any) -> Any:
+    """A checkpoint path opened once, so planning and loading read one set of headers."""
     if isinstance(source, (str, Path)):
         from .io import open_checkpoint
 
-        return open_checkpoint(source).tensors()
+        return open_checkpoint(source)
+    return source
+
+
+def _tensors(source: Any) -> Mapping[str, torch.Tensor]:
+    """The source's tensors, by name (a checkpoint is read lazily, tensor by tensor)."""
+    from .io import Checkpoint
+
+    source = _opened(source)
+    if isinstance(source, Checkpoint):
+        return source.tensors()
     if isinstance(source, Mapping):
         return source
     raise TypeError(
@@ -88,6 +98,7 @@ def load_into(
     from .compile import compile
 
     program = compile(rules)
+    source = _opened(source)
     plan = program.plan(
         source, model, on_mismatch=on_mismatch, on_missing=on_missing, on_unexpected=on_unexpected
     )
@@ -138,6 +149,7 @@ def migrate(
     """Rewrite a state_dict (or checkpoint file) under the rules: `(new_state_dict, report)`."""
     from .compile import compile
 
+    source = _opened(source)
     plan = compile(rules).plan(
         source, target, on_mismatch=on_mismatch, on_missing=on_missing, on_unexpected=on_unexpected
     )

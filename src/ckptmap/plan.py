@@ -53,8 +53,12 @@ def describe(obj: Any, role: str = "source") -> Described:
     """Metadata of a state_dict, `{name: shape}`, nn.Module or checkpoint path (no tensor data)."""
     import torch
 
+    from .io import Checkpoint
+
     if isinstance(obj, Described):
         return obj
+    if isinstance(obj, Checkpoint):
+        return obj.describe()
     if isinstance(obj, torch.nn.Module):
         state = obj.state_dict(keep_vars=True)  # the live tensors: nothing is copied
         params = frozenset(n for n, _ in obj.named_parameters(remove_duplicate=False))
