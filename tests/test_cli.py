@@ -164,7 +164,7 @@ def test_schema_is_json_schema():
     result = runner.invoke(app, ["schema"])
     schema = json.loads(result.output)
     assert schema["title"] == "ckptmap rules"
-    assert len(schema["properties"]["rules"]["items"]["anyOf"]) == 11
+    assert len(schema["properties"]["rules"]["items"]["anyOf"]) == 14
 
 
 def test_demo_runs_as_a_real_process():

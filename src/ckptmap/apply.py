@@ -40,6 +40,61 @@ def _tensors(source: Any) -> Mapping[str, torch.Tensor]:
     )
 
 
+class Evaluator:
+    """Computes a plan's tensors on demand, holding each intermediate only while it is needed.
+
+    `fetch(source_key)` reads one source tensor. Values that several outputs need
+    (the pieces of one split) are computed once; every value is released as soon
+    as its last consumer has it, so memory stays near the largest group.
+    """
+
+    def __init__(self, plan: Plan, fetch: Callable[[str], torch.Tensor], wanted: list[int]):
+        from collections import Counter
+
+        self.plan = plan
+        self.fetch = fetch
+        self.producer = {v: step for step in plan.steps for v in step.outputs}
+        self.leaf = {e.value: e.source for e in plan.sources}
+        self.uses: Counter[int] = Counter(wanted)
+        seen: set[int] = set()
+        stack = list(wanted)
+        while stack:  # count consumers over the part of the graph the outputs need
+            v = stack.pop()
+            step = self.producer.get(v)
+            if step is None or id(step) in seen:
+                continue
+            seen.add(id(step))
+            self.uses.update(step.inputs)
+            stack.extend(step.inputs)
+        self.memo: dict[int, torch.Tensor] = {}
+
+    def take(self, value: int) -> torch.Tensor:
+        """The tensor of `value`, for its consumer; released here when nothing else needs it."""
+        tensor = self._compute(value)
+        self._release(value)
+        return tensor
+
+    def _compute(self, value: int) -> torch.Tensor:
+        if value in self.memo:
+            return self.memo[value]
+        if value in self.leaf:
+            self.memo[value] = self.fetch(self.leaf[value])
+            return self.memo[value]
+        from .ops import make
+
+        step = self.producer[value]
+        inputs = [self.take(v) for v in step.inputs]
+        outputs = make(step.op, step.args).run(inputs)
+        del inputs
+        self.memo.update(zip(step.outputs, outputs, strict=True))
+        return self.memo[value]
+
+    def _release(self, value: int) -> None:
+        self.uses[value] -= 1
+        if self.uses[value] <= 0:
+            self.memo.pop(value, None)
+
+
 def apply_plan(plan: Plan, source: Any) -> dict[str, torch.Tensor]:
     """The mapped state_dict. Renames hand back the source's own tensor objects (no copy)."""
     import torch
@@ -53,21 +108,16 @@ def apply_plan(plan: Plan, source: Any) -> dict[str, torch.Tensor]:
     problems += [
         f"{k}: in the plan, not in the source" for k in sorted(set(expected) - set(tensors))
     ]
-    out: dict[str, torch.Tensor] = {}
     for entry in plan.sources:
         if entry.source not in tensors:
             continue
         tensor = tensors[entry.source]
         if not isinstance(tensor, torch.Tensor):
             problems.append(f"{entry.source}: a {type(tensor).__name__}, not a tensor")
-            continue
-        if list(tensor.shape) != entry.shape:
+        elif list(tensor.shape) != entry.shape:
             problems.append(
                 f"{entry.source}: shape {list(tensor.shape)}, the plan was made for {entry.shape}"
             )
-            continue
-        if entry.status == "loaded":
-            out[entry.target] = tensor
     if problems:
         raise LoadError(
             "the source does not match the plan it is applied with",
@@ -75,7 +125,10 @@ def apply_plan(plan: Plan, source: Any) -> dict[str, torch.Tensor]:
             details=summarize(problems),
             hint="make the plan from this source: program.plan(source, target)",
         )
-    return out
+    loaded = [o for o in plan.outputs if o.status == "loaded"]
+    evaluator = Evaluator(plan, tensors.__getitem__, [o.value for o in loaded])
+    with torch.no_grad():
+        return {o.target: evaluator.take(o.value) for o in loaded}
 
 
 def load_into(
@@ -184,24 +237,33 @@ def write_plan(
         raise LoadError(
             "the checkpoint does not match the plan", code="CKM402", details=summarize(problems)
         )
-    loaded = [e for e in plan.sources if e.status == "loaded"]
-    source_of = {e.target: e.source for e in loaded}
-    target_of = {e.source: e.target for e in loaded}
+    loaded = [o for o in plan.outputs if o.status == "loaded"]
+    # tied sources passed through unchanged are stored once, under the name given first
+    by_value = {e.value: e.source for e in plan.sources}
     ties = checkpoint.ties()
     order = {name: i for i, name in enumerate(meta)}
+    renamed = {by_value[o.value]: o.target for o in loaded if o.value in by_value}
     aliases = {}
-    for e in loaded:
-        # a tied group is stored under the name the source gives first (wte, not lm_head)
-        group = sorted((s for s in ties.get(e.source, ()) if s in target_of), key=order.get)
-        if group and target_of[group[0]] != e.target:
-            aliases[e.target] = target_of[group[0]]
-    items = [(e.target, TensorMeta(tuple(e.shape), meta[e.source].dtype)) for e in loaded]
-    return save_checkpoint(
-        out,
-        items,
-        lambda name: checkpoint.get(source_of[name]),
-        metadata=metadata,
-        aliases=aliases,
-        max_shard_size=max_shard_size,
-        on_bytes=on_bytes,
+    for source, target in renamed.items():
+        group = sorted((s for s in ties.get(source, ()) if s in renamed), key=order.get)
+        if group and renamed[group[0]] != target:
+            aliases[target] = renamed[group[0]]
+    value_of = {o.target: o.value for o in loaded}
+    evaluator = Evaluator(
+        plan, checkpoint.get, [o.value for o in loaded if o.target not in aliases]
     )
+    items = [
+        (o.target, TensorMeta(tuple(o.shape), o.dtype or meta[o.sources[0]].dtype)) for o in loaded
+    ]
+    import torch
+
+    with torch.no_grad():
+        return save_checkpoint(
+            out,
+            items,
+            lambda name: evaluator.take(value_of[name]),
+            metadata=metadata,
+            aliases=aliases,
+            max_shard_size=max_shard_size,
+            on_bytes=on_bytes,
+        )

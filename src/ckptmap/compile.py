@@ -13,19 +13,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import RuleCompileError, Span, line_of
+from .ops import Op, OpArgError, make
 from .patterns import Matcher, PatternError, Template
 from .rules import (
     Freeze,
     Include,
     Init,
+    Merge,
     Pattern,
     Policy,
     Prefix,
     Rename,
     Ruleset,
     Skip,
+    Split,
     Statement,
     Strip,
+    Transform,
     Unfreeze,
     quote,
     regex_literal,
@@ -48,6 +52,10 @@ class Rule:
     node: Statement
     matcher: Matcher | None = None
     template: Template | None = None
+    matchers: tuple[Matcher, ...] = ()  # merge: one per source pattern
+    templates: tuple[Template, ...] = ()  # split: one per target
+    ops: tuple[Op, ...] = ()
+    gather: str | None = None  # merge/split: the capture that numbers the pieces
 
     @property
     def text(self) -> str:
@@ -86,7 +94,8 @@ class Program:
     def __init__(self, ruleset: Ruleset, rules: tuple[Rule, ...]):
         self.ruleset = ruleset
         self.rules = rules
-        self.steps = tuple(r for r in rules if isinstance(r.node, (Strip, Prefix, Rename, Skip)))
+        pipeline = (Strip, Prefix, Rename, Skip, Transform, Merge, Split)
+        self.steps = tuple(r for r in rules if isinstance(r.node, pipeline))
         self.inits = tuple(r for r in rules if isinstance(r.node, Init))
         self.trainability = tuple(r for r in rules if isinstance(r.node, (Freeze, Unfreeze)))
         self.policies = dict(DEFAULT_POLICIES)
@@ -167,6 +176,8 @@ def splice_includes(
 
 def compile_rule(number: int, statement: Statement, text: str | None = None) -> Rule:
     """Build the matcher and target template of one statement, checking captures."""
+    if isinstance(statement, (Transform, Merge, Split)):
+        return _compile_transform(number, statement, text)
     pattern: Pattern | None = getattr(statement, "pattern", None)
     if pattern is None:
         return Rule(number, statement)
@@ -193,6 +204,113 @@ def compile_rule(number: int, statement: Statement, text: str | None = None) -> 
                     hint=f"the pattern binds {bound}" if bound else "the pattern binds no captures",
                 )
     return Rule(number, statement, matcher, template)
+
+
+def _matcher(pattern: Pattern, statement: Statement, text: str | None) -> Matcher:
+    try:
+        return Matcher(pattern.text, pattern.regex)
+    except PatternError as e:
+        raise _pattern_error(e, pattern, statement, text) from None
+
+
+def _template(target: str, statement: Statement, text: str | None) -> Template:
+    try:
+        return Template(target)
+    except PatternError as e:
+        raise _error(e.code, f"{e.message} (target {target!r})", statement.span, text) from None
+
+
+_KINDS = {"one": "one-to-one", "merge": "many-to-one", "split": "one-to-many"}
+
+
+def _compile_ops(statement: Transform | Merge | Split, text: str | None) -> tuple[Op, ...]:
+    ops = []
+    for call in statement.ops:
+        try:
+            ops.append(make(call.name, call.args))
+        except OpArgError as e:
+            raise _error("CKM208", str(e), call.span or statement.span, text) from None
+    kinds = [op.kind for op in ops]
+    if isinstance(statement, Transform):
+        wanted = ["one"] * len(ops)
+        example = "merge/split"
+    elif isinstance(statement, Merge):
+        wanted = ["merge"] + ["one"] * (len(ops) - 1)
+        example = "merge ... | cat(0) or | stack(0), then one-to-one ops"
+    else:
+        wanted = ["one"] * (len(ops) - 1) + ["split"]
+        example = "split ... | one-to-one ops, then split([...], dim) or unstack(dim) last"
+    for op, call, kind, want in zip(ops, statement.ops, kinds, wanted, strict=True):
+        if kind != want:
+            raise _error(
+                "CKM210",
+                f"{op.name} is {_KINDS[kind]}; here {statement.keyword} needs {_KINDS[want]}",
+                call.span or statement.span,
+                text,
+                hint=example
+                if isinstance(statement, Transform) is False
+                else "many-to-one ops go in merge, one-to-many in split",
+            )
+    return tuple(ops)
+
+
+def _compile_transform(number: int, statement: Transform | Merge | Split, text: str | None) -> Rule:
+    ops = _compile_ops(statement, text)
+    if isinstance(statement, Transform):
+        return Rule(
+            number, statement, matcher=_matcher(statement.pattern, statement, text), ops=ops
+        )
+    if isinstance(statement, Merge):
+        matchers = tuple(_matcher(p, statement, text) for p in statement.patterns)
+        template = _template(statement.target, statement, text)
+        bound = frozenset.intersection(*(m.names for m in matchers))
+        used = {name for name, _ in template.refs}
+        for name in sorted(used - bound):
+            raise _error(
+                "CKM202",
+                f"capture {{{name}}} is used in the target but not bound by every source pattern",
+                statement.span,
+                text,
+            )
+        gather = None
+        extra = sorted(n for n in bound - used if not n.isdigit())
+        if len(matchers) == 1:
+            if len(extra) != 1:
+                raise _error(
+                    "CKM211",
+                    "a merge of one pattern gathers over one capture the target does not use; "
+                    f"this one has {len(extra)}",
+                    statement.span,
+                    text,
+                    hint='merge "experts.{e}.w1" -> "experts.w1" | stack(0)',
+                )
+            gather = extra[0]
+        elif extra:
+            raise _error(
+                "CKM211",
+                f"capture {{{extra[0]}}} is bound but not in the target, so "
+                "the sources cannot be grouped",
+                statement.span,
+                text,
+            )
+        return Rule(number, statement, matchers=matchers, template=template, ops=ops, gather=gather)
+    matcher = _matcher(statement.pattern, statement, text)
+    templates = tuple(_template(t, statement, text) for t in statement.targets)
+    gather = None
+    for template in templates:
+        unbound = sorted({n for n, _ in template.refs} - matcher.names)
+        if unbound and len(templates) == 1 and len(unbound) == 1:
+            gather = unbound[0]  # "experts.{e}.w1": one target per piece, numbered
+        elif unbound:
+            raise _error(
+                "CKM202",
+                f"capture {{{unbound[0]}}} is used in a target but the pattern never binds it",
+                statement.span,
+                text,
+                hint="one target with one new capture numbers the pieces: "
+                '"experts.{e}.w1" | unstack(0)',
+            )
+    return Rule(number, statement, matcher=matcher, templates=templates, ops=ops, gather=gather)
 
 
 def _capture_order(name: str) -> tuple[int, int | str]:

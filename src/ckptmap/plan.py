@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from pydantic import BaseModel
 
 from .errors import PlanError, Span
+from .ops import Meta, Op, OpError
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -130,16 +131,47 @@ class RuleInfo(BaseModel):
         return f"{self.text} ({self.span})" if self.span else self.text
 
 
+class Value(BaseModel):
+    """A tensor the plan knows by shape and dtype: a source, an intermediate, or an output."""
+
+    shape: list[int]
+    dtype: str | None = None
+
+
+class Step(BaseModel):
+    """One op of the plan: `outputs = op(*inputs)`, by value number; `rule` wrote it."""
+
+    op: str
+    args: list[Any] = []
+    inputs: list[int]
+    outputs: list[int]
+    rule: int
+
+
 class SourceEntry(BaseModel):
     """What one source tensor becomes."""
 
     source: str
-    target: str  # the final name after the pipeline (even when skipped)
+    value: int
+    target: str  # the name it ends under (merged: the merged tensor; split: the first piece)
     shape: list[int]
     dtype: str | None = None
     status: Literal["loaded", "skipped", "unexpected"]
     reason: Literal["skip", "init", "mismatch"] | None = None
     rules: list[int] = []  # the rules that matched this key, in order
+
+
+class OutputEntry(BaseModel):
+    """One tensor the plan produces: its name, its value, the sources it is made of."""
+
+    target: str
+    value: int
+    shape: list[int]
+    dtype: str | None = None
+    sources: list[str]
+    status: Literal["loaded", "skipped", "unexpected"]
+    reason: Literal["init", "mismatch"] | None = None
+    rules: list[int] = []
 
 
 class TargetEntry(BaseModel):
@@ -149,7 +181,7 @@ class TargetEntry(BaseModel):
     shape: list[int]
     dtype: str | None = None
     status: Literal["loaded", "initialized", "missing"]
-    source: str | None = None
+    sources: list[str] = []
     reason: Literal["tied", "init", "mismatch"] | None = None
     tied_to: str | None = None
     rules: list[int] = []
@@ -159,7 +191,9 @@ class Problem(BaseModel):
     """Something the policies do not allow (error) or want said (warning)."""
 
     code: str
-    kind: Literal["conflict", "mismatch", "missing", "unexpected", "name"]
+    kind: Literal[
+        "conflict", "mismatch", "missing", "unexpected", "name", "op", "merge", "split", "lossy"
+    ]
     severity: Literal["error", "warning"]
     message: str
     keys: list[str]
@@ -175,13 +209,21 @@ class Trainable(BaseModel):
 
 
 class Plan(BaseModel):
-    """The program bound to concrete keys. Plain data: print it, diff it, save it as JSON."""
+    """The program bound to concrete keys. Plain data: print it, diff it, save it as JSON.
+
+    `sources` says what each source tensor becomes, `outputs` what the plan
+    produces, `steps` the tensor ops between them (by value number, into
+    `values`), `targets` where each target key comes from.
+    """
 
     ckptmap: str = __version__
     rules_fingerprint: str
     rules: list[RuleInfo]
     policies: dict[str, str]
+    values: list[Value] = []
     sources: list[SourceEntry]
+    steps: list[Step] = []
+    outputs: list[OutputEntry] = []
     targets: list[TargetEntry] | None = None
     problems: list[Problem] = []
     unused_rules: list[int] = []
@@ -204,7 +246,7 @@ class Plan(BaseModel):
 
     @property
     def mapping(self) -> dict[str, str]:
-        """Source key -> target key, for the tensors that are loaded."""
+        """Source key -> the name it is loaded under (merged: the merged tensor)."""
         return {e.source: e.target for e in self.sources if e.status == "loaded"}
 
     def check(self) -> Plan:
@@ -241,6 +283,18 @@ class Plan(BaseModel):
 
         return apply_plan(self, source)
 
+    def inverse(self, allow_lossy: bool = False) -> Plan:
+        """The plan that maps this plan's outputs back to its sources, key by key.
+
+        Built from the concrete entries (never by inverting patterns): each step
+        is replaced by its exact inverse for the shapes it saw. Raises PlanError
+        listing what cannot be restored exactly (skipped sources, lossy steps)
+        unless `allow_lossy`, which then restores what it can.
+        """
+        from .reverse import invert
+
+        return invert(self, allow_lossy)
+
 
 def fingerprint_of(plan: Plan) -> str:
     """A hash of what the plan does: spans and file paths do not count."""
@@ -254,77 +308,313 @@ def fingerprint_of(plan: Plan) -> str:
 # --- building it ---------------------------------------------------------------------------
 
 
+@dataclass
+class _Node:
+    """A tensor alive in the pipeline: its current name, value, the sources it is made of."""
+
+    name: str
+    value: int
+    sources: tuple[str, ...]
+    rules: list[int]
+
+
+class _Builder:
+    """Runs the pipeline statement by statement over every key (merges need whole groups)."""
+
+    def __init__(self, program: Program, source: Described):
+        self.program = program
+        self.values: list[Value] = []
+        self.steps: list[Step] = []
+        self.problems: list[Problem] = []
+        self.used: set[int] = set()
+        self.dropped: list[_Node] = []  # skipped by a `skip` rule
+        self.source_values: dict[str, int] = {}
+        self.live: list[_Node] = []
+        for key in sorted(source.meta):
+            meta = source.meta[key]
+            value = self._value(meta.shape, meta.dtype)
+            self.source_values[key] = value
+            self.live.append(_Node(key, value, (key,), []))
+
+    def _value(self, shape: Any, dtype: str | None) -> int:
+        self.values.append(Value(shape=list(shape), dtype=dtype))
+        return len(self.values) - 1
+
+    def meta(self, value: int) -> Meta:
+        v = self.values[value]
+        return Meta(tuple(v.shape), v.dtype)
+
+    def _run(self, op: Op, rule: Rule, inputs: list[int], names: list[str]) -> list[int] | None:
+        """Add a step; on an op that does not fit, a problem naming keys, shapes and rule."""
+        try:
+            outs = op.infer([self.meta(v) for v in inputs])
+        except OpError as e:
+            shapes = ", ".join(
+                f"{n} {list(self.meta(v).shape)}" for n, v in zip(names, inputs, strict=True)
+            )
+            self.problems.append(
+                _problem(
+                    "CKM306",
+                    "op",
+                    f"{op!r} does not fit {shapes}: {e} ({rule.where()})",
+                    names,
+                    [rule.id],
+                )
+            )
+            return None
+        ids = [self._value(m.shape, m.dtype) for m in outs]
+        self.steps.append(
+            Step(
+                op=op.name,
+                args=[_jsonable(a) for a in op.args],
+                inputs=inputs,
+                outputs=ids,
+                rule=rule.id,
+            )
+        )
+        return ids
+
+    def _chain(self, ops: tuple[Op, ...], rule: Rule, value: int, name: str) -> int | None:
+        for op in ops:
+            out = self._run(op, rule, [value], [name])
+            if out is None:
+                return None
+            value = out[0]
+        return value
+
+    def run(self) -> list[_Node]:
+        from .rules import Merge, Split, Transform
+
+        for rule in self.program.steps:
+            node = rule.node
+            if isinstance(node, Transform):
+                self._transform(rule)
+            elif isinstance(node, Merge):
+                self._merge(rule)
+            elif isinstance(node, Split):
+                self._split(rule)
+            else:
+                self._rename(rule)
+        return self.live
+
+    def _rename(self, rule: Rule) -> None:
+        from .compile import SKIP
+
+        keep = []
+        for n in self.live:
+            out = rule.step(n.name)
+            if out is not None:
+                self.used.add(rule.id)
+                n.rules.append(rule.id)
+                if out is SKIP:
+                    self.dropped.append(n)
+                    continue
+                n.name = out
+            keep.append(n)
+        self.live = keep
+
+    def _transform(self, rule: Rule) -> None:
+        for n in self.live:
+            if rule.matcher.match(n.name) is None:  # type: ignore[union-attr]
+                continue
+            self.used.add(rule.id)
+            n.rules.append(rule.id)
+            value = self._chain(rule.ops, rule, n.value, n.name)
+            if value is not None:
+                n.value = value
+
+    def _merge(self, rule: Rule) -> None:
+        template = rule.template
+        outer = sorted({name for name, _ in template.refs})  # type: ignore[union-attr]
+        groups: dict[tuple, dict[Any, _Node]] = {}
+        captures: dict[tuple, dict[str, str]] = {}
+        for n in self.live:
+            for k, matcher in enumerate(rule.matchers):
+                m = matcher.match(n.name)
+                if m is None or m.rest:
+                    continue
+                key = tuple(m.captures[c] for c in outer)
+                slot = m.captures[rule.gather] if rule.gather else k
+                group = groups.setdefault(key, {})
+                captures.setdefault(key, m.captures)
+                if slot in group:
+                    self.problems.append(
+                        _problem(
+                            "CKM307",
+                            "merge",
+                            f"{group[slot].name!r} and {n.name!r} both fit the same place in "
+                            f"{rule.where()}",
+                            [group[slot].name, n.name],
+                            [rule.id],
+                        )
+                    )
+                else:
+                    group[slot] = n
+                break
+        if groups:
+            self.used.add(rule.id)
+        merged: dict[int, _Node] = {}  # id(first member) -> the merged node
+        gone: set[int] = set()
+        for key, group in groups.items():
+            where = ", ".join(f"{{{c}}}={v}" for c, v in zip(outer, key, strict=True))
+            if rule.gather:
+                order = sorted(group, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else s))
+                want = [str(i) for i in range(len(order))]
+                if order != want:
+                    self.problems.append(
+                        _problem(
+                            "CKM307",
+                            "merge",
+                            f"{rule.where()}: {{{rule.gather}}} must run 0..{len(order) - 1} "
+                            f"{'for ' + where if where else ''}, found {', '.join(order)}",
+                            [group[s].name for s in order],
+                            [rule.id],
+                        )
+                    )
+                    continue
+                members = [group[s] for s in order]
+            else:
+                missing = [
+                    rule.node.patterns[k] for k in range(len(rule.matchers)) if k not in group
+                ]
+                if missing:
+                    names = ", ".join(p.to_text() for p in missing)
+                    self.problems.append(
+                        _problem(
+                            "CKM307",
+                            "merge",
+                            f"{rule.where()}{' for ' + where if where else ''}: nothing matches {names} "
+                            f"(present: {', '.join(group[k].name for k in sorted(group))})",
+                            [group[k].name for k in sorted(group)],
+                            [rule.id],
+                        )
+                    )
+                    continue
+                members = [group[k] for k in range(len(rule.matchers))]
+            name = template.render(captures[key])  # type: ignore[union-attr]
+            names = [m.name for m in members]
+            out = self._run(rule.ops[0], rule, [m.value for m in members], names)
+            value = out and self._chain(rule.ops[1:], rule, out[0], name)
+            if value is None:
+                continue
+            rules = [*list(dict.fromkeys(r for m in members for r in m.rules)), rule.id]
+            sources = tuple(sorted({s for m in members for s in m.sources}))
+            merged[id(members[0])] = _Node(name, value, sources, rules)
+            gone.update(id(m) for m in members)
+        self.live = [
+            merged.get(id(n), n) for n in self.live if id(n) not in gone or id(n) in merged
+        ]
+
+    def _split(self, rule: Rule) -> None:
+        out_nodes: list[_Node] = []
+        for n in self.live:
+            m = rule.matcher.match(n.name)  # type: ignore[union-attr]
+            if m is None or m.rest:
+                out_nodes.append(n)
+                continue
+            self.used.add(rule.id)
+            value = self._chain(rule.ops[:-1], rule, n.value, n.name)
+            pieces = None if value is None else self._run(rule.ops[-1], rule, [value], [n.name])
+            if pieces is None:
+                out_nodes.append(n)
+                continue
+            if rule.gather:
+                names = [
+                    rule.templates[0].render({**m.captures, rule.gather: str(i)})
+                    for i in range(len(pieces))
+                ]
+            elif len(rule.templates) != len(pieces):
+                self.problems.append(
+                    _problem(
+                        "CKM309",
+                        "split",
+                        f"{rule.where()}: {n.name!r} splits into {len(pieces)} pieces but "
+                        f"{len(rule.templates)} targets are named",
+                        [n.name],
+                        [rule.id],
+                    )
+                )
+                out_nodes.append(n)
+                continue
+            else:
+                names = [t.render(m.captures) for t in rule.templates]
+            rules = [*n.rules, rule.id]
+            out_nodes += [
+                _Node(nm, v, n.sources, list(rules)) for nm, v in zip(names, pieces, strict=True)
+            ]
+        self.live = out_nodes
+
+
+def _jsonable(arg: Any) -> Any:
+    return [_jsonable(a) for a in arg] if isinstance(arg, (list, tuple)) else arg
+
+
 def build_plan(
     program: Program, source: Described, target: Described | None, policies: dict[str, str]
 ) -> Plan:
-    from .compile import SKIP
+    builder = _Builder(program, source)
+    live = builder.run()
+    problems, used = builder.problems, builder.used
 
-    used: set[int] = set()
-    problems: list[Problem] = []
-    entries: list[SourceEntry] = []
-
-    # 1. the pipeline, top to bottom, for each source key (sorted: order never matters)
-    for key in sorted(source.meta):
-        meta = source.meta[key]
-        name, trace, status, reason = key, [], "loaded", None
-        for rule in program.steps:
-            out = rule.step(name)
-            if out is None:
-                continue
-            used.add(rule.id)
-            trace.append(rule.id)
-            if out is SKIP:
-                status, reason = "skipped", "skip"
-                break
-            name = out
-        if status == "loaded" and (not name or "" in name.split(".")):
+    # outputs: what the pipeline produced, then `init` on final names
+    outputs: list[OutputEntry] = []
+    for n in live:
+        if not n.name or "" in n.name.split("."):
             problems.append(
                 _problem(
-                    "CKM305", "name", f"{key!r} became {name!r}, not a valid key", [key], trace
+                    "CKM305",
+                    "name",
+                    f"{', '.join(n.sources)} became {n.name!r}, not a valid key",
+                    list(n.sources),
+                    n.rules,
                 )
             )
-        if status == "loaded":
-            init = _first_match(program.inits, name)
-            if init is not None:
-                used.add(init.id)
-                trace.append(init.id)
-                status, reason = "skipped", "init"
-        entries.append(
-            SourceEntry(
-                source=key,
-                target=name,
-                shape=list(meta.shape),
-                dtype=meta.dtype,
+        status, reason, rules = "loaded", None, list(n.rules)
+        init = _first_match(program.inits, n.name)
+        if init is not None:
+            used.add(init.id)
+            rules.append(init.id)
+            status, reason = "skipped", "init"
+        v = builder.values[n.value]
+        outputs.append(
+            OutputEntry(
+                target=n.name,
+                value=n.value,
+                shape=v.shape,
+                dtype=v.dtype,
+                sources=list(n.sources),
                 status=status,
                 reason=reason,
-                rules=trace,
+                rules=rules,
             )
         )
 
-    # 2. two sources on one name: never silent
-    landing: dict[str, list[SourceEntry]] = defaultdict(list)
-    for e in entries:
-        if e.status == "loaded":
-            landing[e.target].append(e)
+    # two tensors on one name: never silent
+    landing: dict[str, list[OutputEntry]] = defaultdict(list)
+    for o in outputs:
+        if o.status == "loaded":
+            landing[o.target].append(o)
     for name, group in sorted(landing.items()):
         if len(group) > 1:
-            via = "; ".join(f"{e.source} via {_rules_text(program, e.rules)}" for e in group)
+            via = "; ".join(
+                f"{', '.join(o.sources)} via {_rules_text(program, o.rules)}" for o in group
+            )
             problems.append(
                 _problem(
                     "CKM301",
                     "conflict",
                     f"{len(group)} sources map to {name!r}: {via}",
-                    [e.source for e in group],
-                    sorted({r for e in group for r in e.rules}),
+                    [s for o in group for s in o.sources],
+                    sorted({r for o in group for r in o.rules}),
                 )
             )
 
-    # 3. against the target: shapes, unexpected, then every target key
     targets = None
     if target is not None:
-        targets = _match_target(program, entries, landing, target, policies, used, problems)
+        targets = _match_target(program, outputs, landing, target, policies, used, problems)
 
-    # 4. freeze / unfreeze: the last matching rule wins
+    sources = _source_entries(builder, outputs, source)
+
     if target is not None:
         names = sorted(target.parameters if target.parameters is not None else target.meta)
     else:
@@ -338,7 +628,6 @@ def build_plan(
                 Trainable(target=name, frozen=decided.node.keyword == "freeze", rule=decided.id)
             )
 
-    # rules that decide nothing are still "used" when they match a target key
     unused = [
         r.id
         for r in program.rules
@@ -350,7 +639,10 @@ def build_plan(
         rules_fingerprint=program.fingerprint,
         rules=[RuleInfo(id=r.id, text=r.text, span=r.span) for r in program.rules],
         policies=dict(sorted(policies.items())),
-        sources=entries,
+        values=builder.values,
+        sources=sources,
+        steps=builder.steps,
+        outputs=outputs,
         targets=targets,
         problems=problems,
         unused_rules=unused,
@@ -360,45 +652,82 @@ def build_plan(
     return plan
 
 
+def _source_entries(
+    builder: _Builder, outputs: list[OutputEntry], source: Described
+) -> list[SourceEntry]:
+    """Each source's fate, from the tensors it ended in: loaded wins, then unexpected."""
+    fates: dict[str, list[tuple[str, str | None, str, list[int]]]] = defaultdict(list)
+    for n in builder.dropped:
+        for s in n.sources:
+            fates[s].append(("skipped", "skip", n.name, n.rules))
+    for o in outputs:
+        for s in o.sources:
+            fates[s].append((o.status, o.reason, o.target, o.rules))
+    entries = []
+    for key in sorted(source.meta):
+        meta = source.meta[key]
+        options = fates[key]
+        fate = (
+            next((f for f in options if f[0] == "loaded"), None)
+            or next((f for f in options if f[0] == "unexpected"), None)
+            or options[0]
+        )
+        status, reason, name, rules = fate
+        entries.append(
+            SourceEntry(
+                source=key,
+                value=builder.source_values[key],
+                target=name,
+                shape=list(meta.shape),
+                dtype=meta.dtype,
+                status=status,
+                reason=reason if status == "skipped" else None,
+                rules=list(rules),
+            )
+        )
+    return entries
+
+
 def _match_target(
     program: Program,
-    entries: list[SourceEntry],
-    landing: dict[str, list[SourceEntry]],
+    outputs: list[OutputEntry],
+    landing: dict[str, list[OutputEntry]],
     target: Described,
     policies: dict[str, str],
     used: set[int],
     problems: list[Problem],
 ) -> list[TargetEntry]:
-    mismatched: dict[str, SourceEntry] = {}
-    for e in entries:
-        if e.status != "loaded":
+    mismatched: dict[str, OutputEntry] = {}
+    for o in outputs:
+        if o.status != "loaded":
             continue
-        want = target.meta.get(e.target)
+        want = target.meta.get(o.target)
+        what = ", ".join(o.sources) if o.sources != [o.target] else o.target
         if want is None:
-            e.status = "unexpected"
+            o.status = "unexpected"
             if policies["unexpected"] != "ignore":
                 problems.append(
                     _problem(
                         "CKM304",
                         "unexpected",
-                        f"{e.source!r} maps to {e.target!r}, which the target does not have",
-                        [e.source],
-                        e.rules,
+                        f"{what!r} maps to {o.target!r}, which the target does not have",
+                        list(o.sources),
+                        o.rules,
                         policies["unexpected"],
                     )
                 )
-        elif tuple(e.shape) != want.shape:
-            e.status, e.reason = "skipped", "mismatch"
-            mismatched[e.target] = e
+        elif tuple(o.shape) != want.shape:
+            o.status, o.reason = "skipped", "mismatch"
+            mismatched[o.target] = o
             if policies["mismatch"] == "error":
                 problems.append(
                     _problem(
                         "CKM302",
                         "mismatch",
-                        f"shape mismatch: {e.source} {list(e.shape)} -> {e.target} expects "
+                        f"shape mismatch: {what} {list(o.shape)} -> {o.target} expects "
                         f"{list(want.shape)}",
-                        [e.source, e.target],
-                        e.rules,
+                        [*o.sources, o.target],
+                        o.rules,
                     )
                 )
 
@@ -406,15 +735,15 @@ def _match_target(
     for name in sorted(target.meta):
         meta = target.meta[name]
         base = {"target": name, "shape": list(meta.shape), "dtype": meta.dtype}
-        providers = [e for e in landing.get(name, ()) if e.status == "loaded"]
+        providers = [o for o in landing.get(name, ()) if o.status == "loaded"]
         if providers:
             out[name] = TargetEntry(
-                **base, status="loaded", source=providers[0].source, rules=providers[0].rules
+                **base, status="loaded", sources=providers[0].sources, rules=providers[0].rules
             )
         elif name in mismatched:
-            e = mismatched[name]
+            o = mismatched[name]
             out[name] = TargetEntry(
-                **base, status="initialized", source=e.source, reason="mismatch", rules=e.rules
+                **base, status="initialized", sources=o.sources, reason="mismatch", rules=o.rules
             )
         elif (init := _first_match(program.inits, name)) is not None:
             used.add(init.id)

@@ -35,9 +35,10 @@ class RuleRef(BaseModel):
 
 
 class Loaded(BaseModel):
-    """A source tensor loaded into a target key (or a target key tied to a loaded one)."""
+    """A target key loaded from source tensors (or tied to a loaded key)."""
 
-    source: str | None
+    source: str | None  # the one source, when there is exactly one
+    sources: list[str] = []
     target: str
     shape: list[int]
     rules: list[RuleRef] = []
@@ -79,7 +80,7 @@ class Initialized(BaseModel):
 class Mismatched(BaseModel):
     """A source and target whose shapes differ (the source is skipped, the target initialized)."""
 
-    source: str
+    source: str  # the sources, comma-separated when several made the tensor
     target: str
     source_shape: list[int]
     target_shape: list[int]
@@ -119,12 +120,29 @@ class Report(BaseModel):
 
         report = cls(plan_fingerprint=plan.fingerprint)
         targets = {t.target: t for t in plan.targets or ()}
-        for e in plan.sources:
-            if e.status == "loaded":
+        for o in plan.outputs:
+            if o.status == "loaded":
                 report.loaded.append(
-                    Loaded(source=e.source, target=e.target, shape=e.shape, rules=refs(e.rules))
+                    Loaded(
+                        source=o.sources[0] if len(o.sources) == 1 else None,
+                        sources=o.sources,
+                        target=o.target,
+                        shape=o.shape,
+                        rules=refs(o.rules),
+                    )
                 )
-            elif e.status == "skipped":
+            elif o.reason == "mismatch":
+                report.mismatched.append(
+                    Mismatched(
+                        source=", ".join(o.sources),
+                        target=o.target,
+                        source_shape=o.shape,
+                        target_shape=targets[o.target].shape,
+                        rules=refs(o.rules),
+                    )
+                )
+        for e in plan.sources:
+            if e.status == "skipped":
                 report.skipped.append(
                     Skipped(
                         source=e.source,
@@ -133,17 +151,7 @@ class Report(BaseModel):
                         rules=refs(e.rules),
                     )
                 )
-                if e.reason == "mismatch":
-                    report.mismatched.append(
-                        Mismatched(
-                            source=e.source,
-                            target=e.target,
-                            source_shape=e.shape,
-                            target_shape=targets[e.target].shape,
-                            rules=refs(e.rules),
-                        )
-                    )
-            else:
+            elif e.status == "unexpected":
                 report.unexpected.append(
                     Unexpected(source=e.source, target=e.target, rules=refs(e.rules))
                 )
@@ -167,8 +175,9 @@ class Report(BaseModel):
 
     def accounts_for(self, source_keys: Iterable[str], target_keys: Iterable[str] = ()) -> bool:
         """The accounting invariant: each source key and each target key in exactly one place."""
+        loaded_sources = {s for e in self.loaded for s in e.sources}  # a split feeds several
         sources = sorted(
-            [e.source for e in self.loaded if e.source is not None]
+            [*loaded_sources]
             + [e.source for e in self.skipped]
             + [e.source for e in self.unexpected]
         )

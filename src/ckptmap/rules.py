@@ -199,6 +199,156 @@ class Unfreeze(_PatternStatement):
     keyword = "unfreeze"
 
 
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
+def _op_arg(value: Any) -> Any:
+    """Op arguments are whole numbers, finite numbers, words, or lists of those."""
+    if isinstance(value, bool):
+        raise ValueError("op arguments are numbers, words or lists, not true/false")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("op arguments must be finite numbers")
+        return value
+    if isinstance(value, str):
+        if not _WORD.fullmatch(value):
+            raise ValueError(f"op argument {value!r} is not a word (letters, digits, _ and -)")
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_op_arg(v) for v in value)
+    raise ValueError(f"op argument {value!r} is not a number, a word or a list")
+
+
+class OpCall(Node):
+    """One tensor op in a chain: `transpose(0, 1)`, `split([4096, 1024, 1024], 0)`."""
+
+    _positional = ("name", "args")
+    name: str
+    args: tuple[Any, ...] = ()
+
+    @field_validator("name")
+    @classmethod
+    def _is_word(cls, name: str) -> str:
+        if not _WORD.fullmatch(name):
+            raise ValueError(f"op name {name!r} is not a word")
+        return name
+
+    @field_validator("args", mode="before")
+    @classmethod
+    def _args(cls, args: Any) -> tuple:
+        return tuple(_op_arg(a) for a in args)
+
+    def to_text(self) -> str:
+        return f"{self.name}({', '.join(_arg_text(a) for a in self.args)})"
+
+    def to_yaml(self) -> dict[str, Any]:
+        return {self.name: [_arg_yaml(a) for a in self.args]}
+
+
+def _arg_text(arg: Any) -> str:
+    if isinstance(arg, tuple):
+        return "[" + ", ".join(_arg_text(a) for a in arg) + "]"
+    return repr(arg) if isinstance(arg, float) else str(arg)
+
+
+def _arg_yaml(arg: Any) -> Any:
+    return [_arg_yaml(a) for a in arg] if isinstance(arg, tuple) else arg
+
+
+def _ops_text(ops: tuple[OpCall, ...]) -> str:
+    return "".join(f" | {op.to_text()}" for op in ops)
+
+
+class _OpsStatement(Statement):
+    ops: tuple[OpCall, ...]
+
+    @field_validator("ops")
+    @classmethod
+    def _some(cls, ops: tuple[OpCall, ...]) -> tuple[OpCall, ...]:
+        if not ops:
+            raise ValueError(f"{cls.keyword} needs at least one op after |")
+        return ops
+
+
+class Transform(_OpsStatement, _PatternStatement):
+    """`transform "blocks.*.attn.qkv.weight" | transpose(0, 1)`: one-to-one ops on matching keys."""
+
+    keyword = "transform"
+    _positional = ("pattern", "ops")
+
+    def to_text(self) -> str:
+        return f"transform {self.pattern.to_text()}{_ops_text(self.ops)}"
+
+    def to_yaml(self) -> dict[str, Any]:
+        return {
+            "transform": {"from": self.pattern.to_yaml(), "ops": [op.to_yaml() for op in self.ops]}
+        }
+
+
+class Merge(_OpsStatement):
+    """`merge "a.{i}.q", "a.{i}.k" -> "a.{i}.qk" | cat(0)`: several tensors become one."""
+
+    keyword = "merge"
+    _positional = ("patterns", "target", "ops")
+    patterns: tuple[Pattern, ...]
+    target: str
+
+    @field_validator("patterns", mode="before")
+    @classmethod
+    def _coerce(cls, value: Any) -> Any:
+        return tuple(_as_pattern(v) for v in value)
+
+    @field_validator("patterns")
+    @classmethod
+    def _some_patterns(cls, value: tuple) -> tuple:
+        if not value:
+            raise ValueError("merge needs at least one source pattern")
+        return value
+
+    def to_text(self) -> str:
+        sources = ", ".join(p.to_text() for p in self.patterns)
+        return f"merge {sources} -> {quote(self.target)}{_ops_text(self.ops)}"
+
+    def to_yaml(self) -> dict[str, Any]:
+        return {
+            "merge": {
+                "from": [p.to_yaml() for p in self.patterns],
+                "to": self.target,
+                "ops": [op.to_yaml() for op in self.ops],
+            }
+        }
+
+
+class Split(_OpsStatement, _PatternStatement):
+    """`split "a.qkv" -> "a.q", "a.k", "a.v" | split([8, 4, 4], 0)`: one tensor becomes several."""
+
+    keyword = "split"
+    _positional = ("pattern", "targets", "ops")
+    targets: tuple[str, ...]
+
+    @field_validator("targets")
+    @classmethod
+    def _some_targets(cls, value: tuple) -> tuple:
+        if not value:
+            raise ValueError("split needs at least one target")
+        return value
+
+    def to_text(self) -> str:
+        targets = ", ".join(quote(t) for t in self.targets)
+        return f"split {self.pattern.to_text()} -> {targets}{_ops_text(self.ops)}"
+
+    def to_yaml(self) -> dict[str, Any]:
+        return {
+            "split": {
+                "from": self.pattern.to_yaml(),
+                "to": list(self.targets),
+                "ops": [op.to_yaml() for op in self.ops],
+            }
+        }
+
+
 PROBLEMS = ("mismatch", "missing", "unexpected")
 ACTIONS: dict[str, tuple[str, ...]] = {
     "mismatch": ("error", "skip"),
@@ -253,10 +403,36 @@ class Include(Statement):
         return {"include": self.path}
 
 
-AnyStatement = Strip | Prefix | Rename | Skip | Init | Freeze | Unfreeze | Policy | Include
+AnyStatement = (
+    Strip
+    | Prefix
+    | Rename
+    | Skip
+    | Transform
+    | Merge
+    | Split
+    | Init
+    | Freeze
+    | Unfreeze
+    | Policy
+    | Include
+)
 STATEMENTS: dict[str, type[Statement]] = {
     cls.keyword: cls
-    for cls in (Strip, Prefix, Rename, Skip, Init, Freeze, Unfreeze, Policy, Include)
+    for cls in (
+        Strip,
+        Prefix,
+        Rename,
+        Skip,
+        Transform,
+        Merge,
+        Split,
+        Init,
+        Freeze,
+        Unfreeze,
+        Policy,
+        Include,
+    )
 }
 
 
@@ -286,7 +462,7 @@ class Ruleset(Node):
     def to_yaml(self) -> str:
         """Canonical YAML text (`ckptmap: 1`, `rules: [...]`)."""
         doc = {"ckptmap": self.version, "rules": [rule.to_yaml() for rule in self.rules]}
-        return yaml.safe_dump(doc, sort_keys=False, width=1000)
+        return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=1000)
 
     def to_json(self) -> str:
         """The YAML form as JSON."""
@@ -298,6 +474,18 @@ class Ruleset(Node):
         return (
             re.sub(r"[\x7f-\x9f\ufeff\ufffe\uffff]", lambda m: f"\\u{ord(m[0]):04x}", text) + "\n"
         )
+
+
+class _Dumper(yaml.SafeDumper):
+    """Lists of plain values print on one line: `ops: [{transpose: [0, 1]}]`."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flat = all(not isinstance(x, dict) for x in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+
+
+_Dumper.add_representer(list, _represent_list)
 
 
 # --- quoting -------------------------------------------------------------------------
@@ -354,6 +542,32 @@ class RenameArgs(BaseModel):
     to: str
 
 
+OpsForm = Annotated[
+    list[dict[str, Any]],
+    Field(min_length=1, description="Ops in order, each {name: [args]}: [{transpose: [0, 1]}]"),
+]
+
+
+class TransformArgs(BaseModel):
+    model_config = _FORM
+    from_: PatternForm = Field(alias="from")
+    ops: OpsForm
+
+
+class MergeArgs(BaseModel):
+    model_config = _FORM
+    from_: list[PatternForm] = Field(alias="from", min_length=1)
+    to: str
+    ops: OpsForm
+
+
+class SplitArgs(BaseModel):
+    model_config = _FORM
+    from_: PatternForm = Field(alias="from")
+    to: list[str] = Field(min_length=1)
+    ops: OpsForm
+
+
 def _form(name: str, **fields: Any) -> type[BaseModel]:
     return type(name, (BaseModel,), {"model_config": _FORM, "__annotations__": fields})
 
@@ -363,6 +577,9 @@ FORMS: dict[str, type[BaseModel]] = {
     "prefix": _form("PrefixForm", prefix=Annotated[str, Field(min_length=1)]),
     "rename": _form("RenameForm", rename=RenameArgs),
     "skip": _form("SkipForm", skip=PatternForm),
+    "transform": _form("TransformForm", transform=TransformArgs),
+    "merge": _form("MergeForm", merge=MergeArgs),
+    "split": _form("SplitForm", split=SplitArgs),
     "init": _form("InitForm", init=PatternForm),
     "freeze": _form("FreezeForm", freeze=PatternForm),
     "unfreeze": _form("UnfreezeForm", unfreeze=PatternForm),
@@ -404,8 +621,24 @@ def statement_from_form(key: str, form: BaseModel, span: Span | None) -> Stateme
             Pattern(v.regex, True, span=span) if isinstance(v, RegexForm) else Pattern(v, span=span)
         )
 
+    def ops(items: list[dict[str, Any]]) -> tuple[OpCall, ...]:
+        out = []
+        for item in items:
+            if len(item) != 1:
+                raise ValueError("each op is {name: [args]}")
+            ((name, args),) = item.items()
+            args = [] if args is None else args if isinstance(args, list) else [args]
+            out.append(OpCall(name, tuple(args), span=span))
+        return tuple(out)
+
     if key.startswith("on_"):
         return Policy(key[3:], value, span=span)
+    if key == "transform":
+        return Transform(pattern(value.from_), ops(value.ops), span=span)
+    if key == "merge":
+        return Merge(tuple(pattern(p) for p in value.from_), value.to, ops(value.ops), span=span)
+    if key == "split":
+        return Split(pattern(value.from_), tuple(value.to), ops(value.ops), span=span)
     if key == "rename":
         return Rename(pattern(value.from_), value.to, span=span)
     if key in ("strip", "prefix", "include"):

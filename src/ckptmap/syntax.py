@@ -28,6 +28,8 @@ from .rules import (
     Freeze,
     Include,
     Init,
+    Merge,
+    OpCall,
     Pattern,
     Policy,
     Prefix,
@@ -35,7 +37,9 @@ from .rules import (
     RulesDocument,
     Ruleset,
     Skip,
+    Split,
     Strip,
+    Transform,
     Unfreeze,
     statement_from_form,
 )
@@ -76,6 +80,13 @@ def parse(text: str, path: str | Path | None = None) -> Ruleset:
 
 _EXPECTED = {
     "STRING": 'a quoted string ("...")',
+    "NUMBER": "a number",
+    "VBAR": "`|` and an op",
+    "LPAR": "`(`",
+    "RPAR": "`)`",
+    "COMMA": "`,`",
+    "LSQB": "`[`",
+    "RSQB": "`]`",
     "REGEX": "a /regex/",
     "ARROW": "`->`",
     "WORD": "a word",
@@ -133,7 +144,16 @@ def _explain(e: UnexpectedInput, text: str, file: str | None) -> RuleSyntaxError
             return error("CKM103", "empty regex: write a pattern between the slashes")
         return error("CKM103", "unterminated regex: no closing slash on this line")
     if "ARROW" in expected:
-        return error("CKM102", "expected `->` after the pattern", 'rename "old" -> "new"')
+        examples = {
+            "merge": 'merge "a.q", "a.k" -> "a.qk" | cat(0)',
+            "split": 'split "a.qk" -> "a.q", "a.k" | split([4, 4], 0)',
+        }
+        first = line_text.split(maxsplit=1)[0] if line_text.strip() else ""
+        return error(
+            "CKM102",
+            "expected `->` after the pattern",
+            examples.get(first, 'rename "old" -> "new"'),
+        )
     if at_statement_start and expected - {"_NL", "$END"}:
         return error(
             "CKM101", "expected a statement here", "statements: " + ", ".join(KEYWORDS[1:])
@@ -250,6 +270,36 @@ class _ToIR(Transformer):
 
     def unfreeze(self, meta: Any, pattern: Pattern) -> Unfreeze:
         return self._node(Unfreeze, meta, pattern)
+
+    def transform_statement(self, meta: Any, pattern: Pattern, *ops: OpCall) -> Transform:
+        return self._node(Transform, meta, pattern, ops)
+
+    def merge(self, meta: Any, *items: Any) -> Merge:
+        arrow = next(i for i, x in enumerate(items) if isinstance(x, Token) and x.type == "ARROW")
+        patterns, target, ops = items[:arrow], items[arrow + 1], items[arrow + 2 :]
+        return self._node(Merge, meta, patterns, self._string(target), ops)
+
+    def split(self, meta: Any, pattern: Pattern, _arrow: Token, *items: Any) -> Split:
+        targets = [self._string(t) for t in items if isinstance(t, Token)]
+        ops = [o for o in items if isinstance(o, OpCall)]
+        return self._node(Split, meta, pattern, tuple(targets), tuple(ops))
+
+    def op(self, meta: Any, name: Token, *args: Any) -> OpCall:
+        try:
+            return OpCall(name.value, args, span=self._span(meta))
+        except ValidationError as e:
+            message = e.errors()[0]["msg"].removeprefix("Value error, ")
+            raise self._error("CKM108", f"invalid op: {message}", meta) from None
+
+    def number(self, meta: Any, token: Token) -> int | float:
+        text = token.value
+        return float(text) if any(c in text for c in ".eE") else int(text)
+
+    def word(self, meta: Any, token: Token) -> str:
+        return token.value
+
+    def list(self, meta: Any, *items: Any) -> tuple:
+        return tuple(items)
 
     def include(self, meta: Any, path: Token) -> Include:
         return self._node(Include, meta, self._string(path))

@@ -1,0 +1,142 @@
+"""Reversal on the concrete plan: outputs back to sources, step by step, never via patterns.
+
+Every step `outputs = op(inputs)` becomes `inputs = inverse(outputs)`, with the
+inverse computed for the shapes that step saw (a `cat` of [8, 4] and [4, 4]
+becomes `split([8, 4], 0)`). Names come from the plan's entries, so the way
+back is exactly as precise as the way there.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import PlanError, summarize
+from .ops import Meta, make
+
+if TYPE_CHECKING:
+    from .plan import Plan, Problem
+
+
+def invert(plan: Plan, allow_lossy: bool = False) -> Plan:
+    from .plan import OutputEntry, Plan, SourceEntry, Step, _problem, fingerprint_of
+
+    plan.check()
+    loaded = [o for o in plan.outputs if o.status == "loaded"]
+    available = {o.value for o in loaded}
+    steps: list[Step] = []
+    lossy: list[Problem] = []
+
+    def meta(v: int) -> Meta:
+        return Meta(tuple(plan.values[v].shape), plan.values[v].dtype)
+
+    def names(values: list[int]) -> str:
+        out = [o.target for o in plan.outputs if o.value in values]
+        out += [e.source for e in plan.sources if e.value in values]
+        return ", ".join(out) or "intermediate values"
+
+    for step in reversed(plan.steps):
+        if not all(v in available for v in step.outputs):
+            continue  # part of what this step made was dropped: its inputs cannot come back
+        op = make(step.op, step.args)
+        ins, outs = [meta(v) for v in step.inputs], [meta(v) for v in step.outputs]
+        back = op.inverse(ins, outs)
+        if back is None:
+            why = op.lossy_for(ins, outs) or f"{op.name} has no inverse"
+            rule = plan.rules[step.rule]
+            lossy.append(
+                _problem(
+                    "CKM308",
+                    "lossy",
+                    f"{op!r} on {names(step.inputs)}: {why} ({rule})",
+                    [e.source for e in plan.sources if e.value in step.inputs]
+                    or [names(step.outputs)],
+                    [step.rule],
+                    "warn" if allow_lossy else "error",
+                )
+            )
+            if not allow_lossy:
+                continue
+            back = op.approx_inverse(ins, outs)
+            if back is None:
+                continue
+        steps.append(
+            Step(
+                op=back.name,
+                args=[_jsonable(a) for a in back.args],
+                inputs=list(step.outputs),
+                outputs=list(step.inputs),
+                rule=step.rule,
+            )
+        )
+        available.update(step.inputs)
+
+    lost = [e for e in plan.sources if e.value not in available]
+    for e in lost:
+        if e.status != "loaded":
+            why = {
+                "skip": "skipped",
+                "init": "replaced by init",
+                "mismatch": "a shape mismatch",
+                "unexpected": "not in the target",
+            }.get(e.reason or e.status, e.status)
+            lossy.append(
+                _problem(
+                    "CKM308",
+                    "lossy",
+                    f"{e.source} cannot be restored: it was {why} on the way there",
+                    [e.source],
+                    e.rules,
+                    "warn" if allow_lossy else "error",
+                )
+            )
+    if lossy and not allow_lossy:
+        raise PlanError(
+            f"the plan cannot be reversed exactly: {len(lossy)} entr{'ies' if len(lossy) > 1 else 'y'}",
+            code="CKM308",
+            problems=lossy,
+            details=summarize([p.message for p in lossy]),
+            hint="Plan.inverse(allow_lossy=True) / --allow-lossy restores what it can",
+        )
+
+    restored = [e for e in plan.sources if e.value in available]
+    feeds = {o.value: o.target for o in loaded}
+    inverse = Plan(
+        rules_fingerprint=plan.rules_fingerprint,
+        rules=plan.rules,
+        policies=plan.policies,
+        values=plan.values,
+        sources=[
+            SourceEntry(
+                source=o.target,
+                value=o.value,
+                target=", ".join(o.sources),
+                shape=o.shape,
+                dtype=o.dtype,
+                status="loaded",
+                rules=o.rules,
+            )
+            for o in loaded
+        ],
+        steps=steps,
+        outputs=[
+            OutputEntry(
+                target=e.source,
+                value=e.value,
+                shape=e.shape,
+                dtype=e.dtype,
+                sources=[feeds[e.value]]
+                if e.value in feeds
+                else sorted(o.target for o in loaded if e.source in o.sources),
+                status="loaded",
+                rules=e.rules,
+            )
+            for e in restored
+        ],
+        problems=lossy,
+    )
+    inverse.fingerprint = fingerprint_of(inverse)
+    return inverse
+
+
+def _jsonable(arg):
+    return [_jsonable(a) for a in arg] if isinstance(arg, (list, tuple)) else arg
