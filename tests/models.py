@@ -174,3 +174,204 @@ class MyLlama(nn.Module):
                 x, B.norm1, a.q, a.k, a.v, a.o, B.norm2, m.gate, m.up, m.down, self.heads
             )
         return self.head(self.norm(x))
+
+
+# --- models for the conversion recipes (tensor transforms) -----------------------------------
+
+
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's Conv1D: a linear layer whose weight is stored [in, out]."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.02)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(
+            *x.shape[:-1], -1
+        )
+
+
+def _gpt2_forward(model, ids, attn, mlp):
+    t = ids.shape[1]
+    x = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(t))
+    for block in model.transformer.h:
+        x = x + attn(block, block.ln_1(x))
+        x = x + mlp(block, block.ln_2(x))
+    return model.lm_head(model.transformer.ln_f(x))
+
+
+def _causal(q, k, v, heads):
+    b, t, d = q.shape
+
+    def split(z):
+        return z.view(b, t, heads, d // heads).transpose(1, 2)
+
+    out = nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True)
+    return out.transpose(1, 2).reshape(b, t, d)
+
+
+class HFGPT2(nn.Module):
+    """Hugging Face GPT2LMHeadModel layout: Conv1D c_attn (q, k, v fused), c_proj, c_fc."""
+
+    def __init__(self, vocab=50, d=16, layers=2, heads=4, positions=32):
+        super().__init__()
+        self.heads = heads
+        self.transformer = nn.Module()
+        self.transformer.wte = nn.Embedding(vocab, d)
+        self.transformer.wpe = nn.Embedding(positions, d)
+        self.transformer.h = nn.ModuleList()
+        for _ in range(layers):
+            block = nn.Module()
+            block.ln_1, block.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            block.attn = nn.Module()
+            block.attn.c_attn, block.attn.c_proj = Conv1D(3 * d, d), Conv1D(d, d)
+            block.mlp = nn.Module()
+            block.mlp.c_fc, block.mlp.c_proj = Conv1D(4 * d, d), Conv1D(d, 4 * d)
+            self.transformer.h.append(block)
+        self.transformer.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def forward(self, ids):
+        def attn(block, h):
+            q, k, v = block.attn.c_attn(h).split(h.shape[-1], -1)
+            return block.attn.c_proj(_causal(q, k, v, self.heads))
+
+        def mlp(block, h):
+            return block.mlp.c_proj(nn.functional.gelu(block.mlp.c_fc(h)))
+
+        return _gpt2_forward(self, ids, attn, mlp)
+
+
+class LinearGPT2(nn.Module):
+    """The same network with nn.Linear everywhere and separate q, k, v projections."""
+
+    def __init__(self, vocab=50, d=16, layers=2, heads=4, positions=32):
+        super().__init__()
+        self.heads = heads
+        self.transformer = nn.Module()
+        self.transformer.wte = nn.Embedding(vocab, d)
+        self.transformer.wpe = nn.Embedding(positions, d)
+        self.transformer.h = nn.ModuleList()
+        for _ in range(layers):
+            block = nn.Module()
+            block.ln_1, block.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            block.attn = nn.Module()
+            block.attn.q, block.attn.k, block.attn.v = (nn.Linear(d, d) for _ in range(3))
+            block.attn.c_proj = nn.Linear(d, d)
+            block.mlp = nn.Module()
+            block.mlp.c_fc, block.mlp.c_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+            self.transformer.h.append(block)
+        self.transformer.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def forward(self, ids):
+        def attn(block, h):
+            a = block.attn
+            return a.c_proj(_causal(a.q(h), a.k(h), a.v(h), self.heads))
+
+        def mlp(block, h):
+            return block.mlp.c_proj(nn.functional.gelu(block.mlp.c_fc(h)))
+
+        return _gpt2_forward(self, ids, attn, mlp)
+
+
+class GQAAttention(nn.Module):
+    """Grouped-query attention with Hugging Face names, q/k/v separate or fused into qkv_proj."""
+
+    def __init__(self, d=32, heads=4, kv_heads=2, fused=False):
+        super().__init__()
+        self.heads, self.kv_heads, self.fused = heads, kv_heads, fused
+        self.kv = d // heads * kv_heads
+        if fused:
+            self.qkv_proj = nn.Linear(d, d + 2 * self.kv, bias=False)
+        else:
+            self.q_proj = nn.Linear(d, d, bias=False)
+            self.k_proj = nn.Linear(d, self.kv, bias=False)
+            self.v_proj = nn.Linear(d, self.kv, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split([d, self.kv, self.kv], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        hd = d // self.heads
+        q = q.view(b, t, self.heads, hd).transpose(1, 2)
+        k = (
+            k.view(b, t, self.kv_heads, hd)
+            .transpose(1, 2)
+            .repeat_interleave(self.heads // self.kv_heads, 1)
+        )
+        v = (
+            v.view(b, t, self.kv_heads, hd)
+            .transpose(1, 2)
+            .repeat_interleave(self.heads // self.kv_heads, 1)
+        )
+        out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class GQAModel(nn.Module):
+    def __init__(self, layers=2, fused=False):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList()
+        for _ in range(layers):
+            layer = nn.Module()
+            layer.self_attn = GQAAttention(fused=fused)
+            self.model.layers.append(layer)
+
+    def forward(self, x):
+        for layer in self.model.layers:
+            x = x + layer.self_attn(x)
+        return x
+
+
+class MoE(nn.Module):
+    """Mixture of experts, per-expert Linear layers or one stacked 3-D weight."""
+
+    def __init__(self, d=8, hidden=12, experts=4, stacked=False):
+        super().__init__()
+        self.gate = nn.Linear(d, experts, bias=False)
+        self.stacked = stacked
+        if stacked:
+            self.w1 = nn.Parameter(torch.randn(experts, hidden, d))
+            self.w2 = nn.Parameter(torch.randn(experts, d, hidden))
+        else:
+            self.experts = nn.ModuleList()
+            for _ in range(experts):
+                e = nn.Module()
+                e.w1, e.w2 = nn.Linear(d, hidden, bias=False), nn.Linear(hidden, d, bias=False)
+                self.experts.append(e)
+
+    def forward(self, x):
+        weights = self.gate(x).softmax(-1)
+        if self.stacked:
+            outs = [
+                nn.functional.relu(x @ w1.T) @ w2.T for w1, w2 in zip(self.w1, self.w2, strict=True)
+            ]
+        else:
+            outs = [e.w2(nn.functional.relu(e.w1(x))) for e in self.experts]
+        return sum(weights[..., i : i + 1] * o for i, o in enumerate(outs))
+
+
+class TinyViT(nn.Module):
+    """Patch embedding, cls token, absolute position embeddings (timm names), linear head."""
+
+    def __init__(self, grid=14, d=8, classes=10, patch=2):
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, d, patch, patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + grid * grid, d))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        p = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), p], 1) + self.pos_embed
+        return self.head(tokens.mean(1))

@@ -233,7 +233,7 @@ def _compile_ops(statement: Transform | Merge | Split, text: str | None) -> tupl
     kinds = [op.kind for op in ops]
     if isinstance(statement, Transform):
         wanted = ["one"] * len(ops)
-        example = "merge/split"
+        example = "many-to-one ops go in merge, one-to-many ops in split"
     elif isinstance(statement, Merge):
         wanted = ["merge"] + ["one"] * (len(ops) - 1)
         example = "merge ... | cat(0) or | stack(0), then one-to-one ops"
@@ -247,9 +247,7 @@ def _compile_ops(statement: Transform | Merge | Split, text: str | None) -> tupl
                 f"{op.name} is {_KINDS[kind]}; here {statement.keyword} needs {_KINDS[want]}",
                 call.span or statement.span,
                 text,
-                hint=example
-                if isinstance(statement, Transform) is False
-                else "many-to-one ops go in merge, one-to-many in split",
+                hint=example,
             )
     return tuple(ops)
 

@@ -108,6 +108,8 @@ def _check_args(op: Op, args: tuple) -> None:
         ok = {
             "int": _is_int(arg),
             "ints": isinstance(arg, (list, tuple)) and all(_is_int(a) for a in arg),
+            "sizes": (_is_int(arg) and arg > 0)
+            or (isinstance(arg, (list, tuple)) and all(_is_int(a) for a in arg)),
             "number": isinstance(arg, (int, float)) and not isinstance(arg, bool),
             "word": isinstance(arg, str),
         }[kind]
@@ -590,13 +592,27 @@ class Stack(Op):
 
 
 class Split(Op):
+    """split([8, 4, 4], 0) into those sizes; split(3, 0) into 3 equal parts."""
+
     name = "split"
     kind = "split"
-    params = (("sizes", "ints"), ("dim", "int"))
+    params = (("sizes", "sizes"), ("dim", "int"))
+
+    def _sizes(self, m: Meta) -> list[int]:
+        sizes, dim = self.args
+        d = _dim(dim, len(m.shape))
+        if isinstance(sizes, int):
+            if m.shape[d] % sizes:
+                raise OpError(
+                    f"split({sizes}, {dim}): dimension {d} of {list(m.shape)} does not divide "
+                    f"into {sizes} equal parts"
+                )
+            return [m.shape[d] // sizes] * sizes
+        return list(sizes)
 
     def infer(self, ins):
         m = _one(ins)
-        sizes, dim = list(self.args[0]), self.args[1]
+        sizes, dim = self._sizes(m), self.args[1]
         d = _dim(dim, len(m.shape))
         if any(s < 0 for s in sizes) or sum(sizes) != m.shape[d]:
             raise OpError(
@@ -611,7 +627,7 @@ class Split(Op):
         return out
 
     def run(self, xs):
-        return list(xs[0].split(list(self.args[0]), self.args[1]))
+        return list(xs[0].split(self._sizes(Meta(tuple(xs[0].shape))), self.args[1]))
 
     def inverse(self, ins, outs):
         return Cat(_dim(self.args[1], len(ins[0].shape)))
