@@ -380,3 +380,77 @@ def test_write_plan_reports_every_byte_and_reads_one_tensor_at_a_time(tmp_path):
     write_plan(plan, ckpt, tmp_path / "out.safetensors", metadata={}, on_bytes=seen.append)
     assert sum(seen) == sum(v.numel() * v.element_size() for v in sd.values())
     assert sorted(reads) == sorted(sd)  # each tensor read exactly once
+
+
+def test_apply_reverse_restores_the_original_layout(tmp_path):
+    from models import GQAModel
+
+    torch.manual_seed(0)
+    original = tmp_path / "original.safetensors"
+    sd = GQAModel(fused=False).state_dict()
+    save_file(sd, original)
+    rules = str(Path(__file__).resolve().parents[1] / "rules" / "qkv-fuse.ckmap")
+    fused = tmp_path / "fused.safetensors"
+    assert (
+        runner.invoke(app, ["apply", rules, "-s", str(original), "-o", str(fused)]).exit_code == 0
+    )
+
+    tuned = load_file(fused)  # "fine-tune": change every weight, add a new head
+    tuned = {k: v + 1 for k, v in tuned.items()} | {"head.weight": torch.zeros(2, 2)}
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    back = tmp_path / "back.safetensors"
+    result = runner.invoke(
+        app,
+        [
+            "apply",
+            rules,
+            "--reverse",
+            "-s",
+            str(tmp_path / "tuned.safetensors"),
+            "--original",
+            str(original),
+            "-o",
+            str(back),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "note: left out, not from the original: head.weight" in result.output
+    restored = load_file(back)
+    assert restored.keys() == sd.keys()
+    assert all(torch.equal(restored[k], sd[k] + 1) for k in sd)
+
+    result = runner.invoke(app, ["apply", rules, "--reverse", "-s", str(fused), "-o", str(back)])
+    assert result.exit_code == 2 and "--original" in result.output
+
+
+def test_apply_reverse_refuses_lossy_steps(tmp_path):
+    source = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(4, 4), "b": torch.randn(4)}, source)
+    rules = tmp_path / "r.ckmap"
+    rules.write_text('transform "w" | cast(bfloat16)\nskip "b"\n')
+    out = tmp_path / "out.safetensors"
+    assert (
+        runner.invoke(app, ["apply", str(rules), "-s", str(source), "-o", str(out)]).exit_code == 0
+    )
+    back = tmp_path / "back.safetensors"
+    args = [
+        "apply",
+        str(rules),
+        "--reverse",
+        "-s",
+        str(out),
+        "--original",
+        str(source),
+        "-o",
+        str(back),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "cannot be reversed exactly" in result.output
+    assert (
+        "cast float32 -> bfloat16 narrows" in result.output
+        and "b cannot be restored" in result.output
+    )
+    assert not back.exists()
+    result = runner.invoke(app, [*args, "--allow-lossy"])
+    assert result.exit_code == 0, result.output
+    assert load_file(back)["w"].dtype == torch.float32

@@ -228,12 +228,13 @@ def write_plan(
 
     plan.check()
     meta = checkpoint.meta()
-    problems = [
+    problems = [f"{e.source}: not in the checkpoint" for e in plan.sources if e.source not in meta]
+    problems += [
         f"{e.source}: the checkpoint has {list(meta[e.source].shape)}, the plan {e.shape}"
         for e in plan.sources
-        if e.source not in meta or list(meta[e.source].shape) != e.shape
+        if e.source in meta and list(meta[e.source].shape) != e.shape
     ]
-    if problems or len(meta) != len(plan.sources):
+    if problems:  # keys the plan does not use may stay behind (a reversed plan's new head)
         raise LoadError(
             "the checkpoint does not match the plan", code="CKM402", details=summarize(problems)
         )

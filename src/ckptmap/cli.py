@@ -379,8 +379,28 @@ def apply(
         bool, typer.Option(help="Record the source files' sha256 in the output's metadata.")
     ] = False,
     report: Annotated[Path | None, typer.Option(help="Also write the report as JSON.")] = None,
+    reverse: Annotated[
+        bool,
+        typer.Option(
+            help="Map SOURCE back to the names and layout of --original (undo the rules)."
+        ),
+    ] = False,
+    original: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --reverse: the checkpoint the rules were written for (header read)."
+        ),
+    ] = None,
+    allow_lossy: Annotated[
+        bool, typer.Option(help="With --reverse: restore what can be, when some steps lose data.")
+    ] = False,
 ) -> None:
-    """Map a checkpoint under the rules and write the result atomically."""
+    """Map a checkpoint under the rules and write the result atomically.
+
+    With --reverse, write a (fine-tuned) model's weights back under the original
+    checkpoint's names and layout: the forward plan is rebuilt from --original's
+    header and inverted entry by entry.
+    """
 
     def body() -> None:
         from rich.progress import (
@@ -401,14 +421,35 @@ def apply(
         refuse_overwriting_source(out_path, [ckpt.path, *ckpt.files])
         check_destination(out_path, sharded=shard_size is not None)
         program = compile(list(rules))
-        the_plan = program.plan(ckpt.describe(), _target(target)).check()
         console = out()
-        for note in ckpt.notes:
+        if reverse:
+            if original is None:
+                raise typer.BadParameter(
+                    "--reverse needs --original, the checkpoint the rules were written for",
+                    param_hint="--original",
+                )
+            # keys of SOURCE that the original never had (a new head) are left out, not missing
+            forward = program.plan(
+                open_checkpoint(original).describe(), ckpt.describe(), on_missing="ignore"
+            ).check()
+            the_plan = forward.inverse(allow_lossy=allow_lossy)
+            used = {e.source for e in the_plan.sources}
+            extra = [k for k in ckpt.meta() if k not in used]
+            if extra:
+                from .report import collapse_keys
+
+                keys = ", ".join(p for p, _ in collapse_keys(extra))
+                console.print(f"note: left out, not from the original: {keys}", markup=False)
+            for problem in the_plan.warnings:
+                console.print(f"warning: {problem.message}", markup=False)
+        else:
+            the_plan = program.plan(ckpt.describe(), _target(target)).check()
+        for note in ckpt.notes:  # known once the checkpoint has been opened
             console.print(f"note: {note}", markup=False)
         total = sum(
-            _numel(tuple(e.shape)) * _DTYPE_BYTES.get(e.dtype or "", 1)
-            for e in the_plan.sources
-            if e.status == "loaded"
+            _numel(tuple(o.shape)) * _DTYPE_BYTES.get(o.dtype or "", 1)
+            for o in the_plan.outputs
+            if o.status == "loaded"
         )
         columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err(), disable=not err().is_terminal) as progress:
