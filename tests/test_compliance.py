@@ -9,12 +9,12 @@ A case:
     policies: {on_missing: warn, ...}  # optional per-call overrides
     expect:                            # every field optional
       mapping: {source: target}        # exactly the loaded tensors
+      outputs: {target: shape}         # the loaded tensors the plan produces, and their shapes
       skipped: {source: reason}
       unexpected: [source]
       missing: [target]
       initialized: {target: reason}
       mismatched: [source]
-      tied: {target: tied_to}
       frozen: [target]
       unfrozen: [target]
       unused: [rule text]
@@ -87,6 +87,9 @@ def test_case(case, tmp_path):
         assert [p.code for p in plan.warnings] == expect["warnings"], str(plan)
     if "mapping" in expect:
         assert plan.mapping == expect["mapping"], str(plan)
+    if "outputs" in expect:
+        got = {o.target: o.shape for o in plan.outputs if o.status == "loaded"}
+        assert got == expect["outputs"], str(plan)
     if "skipped" in expect:
         assert {e.source: e.reason for e in report.skipped} == expect["skipped"], str(plan)
     if "unexpected" in expect:
@@ -98,9 +101,6 @@ def test_case(case, tmp_path):
         assert got == expect["initialized"], str(plan)
     if "mismatched" in expect:
         assert [e.source for e in report.mismatched] == expect["mismatched"], str(plan)
-    if "tied" in expect:
-        got = {e.target: e.tied_to for e in report.loaded if e.tied_to}
-        assert got == expect["tied"], str(plan)
     if "frozen" in expect:
         assert [t.target for t in plan.trainable if t.frozen] == expect["frozen"], str(plan)
     if "unfrozen" in expect:

@@ -13,13 +13,17 @@ from ckptmap.rules import (
     Freeze,
     Include,
     Init,
+    Merge,
+    OpCall,
     Pattern,
     Policy,
     Prefix,
     Rename,
     Ruleset,
     Skip,
+    Split,
     Strip,
+    Transform,
     Unfreeze,
 )
 from ckptmap.syntax import parse, parse_yaml
@@ -33,7 +37,23 @@ regex_text = text.filter(lambda s: "\n" not in s and "\r" not in s).map(
     lambda s: s + "x" if (len(s) - len(s.rstrip("\\"))) % 2 else s
 )
 patterns = st.one_of(text.map(Pattern), regex_text.map(lambda s: Pattern(s, True)))
+words = st.from_regex(r"[A-Za-z_][A-Za-z0-9_-]{0,6}", fullmatch=True)
+scalars = st.one_of(
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=False, allow_infinity=False, width=32),
+    words,
+)
+op_args = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3), max_leaves=6)
+op_calls = st.builds(lambda n, a: OpCall(n, tuple(a)), words, st.lists(op_args, max_size=3))
+op_chains = st.lists(op_calls, min_size=1, max_size=3).map(tuple)
 statements = st.one_of(
+    st.tuples(patterns, op_chains).map(lambda t: Transform(*t)),
+    st.tuples(st.lists(patterns, min_size=1, max_size=3), text, op_chains).map(
+        lambda t: Merge(tuple(t[0]), t[1], t[2])
+    ),
+    st.tuples(patterns, st.lists(text, min_size=1, max_size=3), op_chains).map(
+        lambda t: Split(t[0], tuple(t[1]), t[2])
+    ),
     text.map(Strip),
     text.map(Prefix),
     st.tuples(patterns, st.text(max_size=10)).map(lambda pt: Rename(*pt)),
