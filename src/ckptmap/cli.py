@@ -320,27 +320,23 @@ def print_plan(console: Console, the_plan: Plan) -> None:
     """The plan grouped by what happened and which rule decided, key ranges collapsed."""
     from .report import collapse_keys, render_problems
 
-    groups: dict[tuple, list] = defaultdict(list)
+    groups: dict[tuple, list[tuple[str, tuple]]] = defaultdict(list)
+    for o in the_plan.outputs:
+        made_of = " + ".join(o.sources)
+        line = o.target if made_of == o.target else f"{made_of} -> {o.target}"
+        groups[(o.status, o.reason, tuple(o.rules))].append((line, tuple(o.shape)))
     for e in the_plan.sources:
-        groups[(e.status, e.reason, tuple(e.rules))].append(e)
-    for (status, reason, rules), entries in groups.items():
+        if e.reason == "skip":
+            groups[("skipped", "skip", tuple(e.rules))].append((e.source, tuple(e.shape)))
+    for (status, reason, rules), items in groups.items():
         label = status if not reason else f"{status} ({reason})"
         rule = f" via {the_plan.rules[rules[-1]]}" if rules else " (no rule matched)"
-        n = len(entries)
+        n = len(items)
         console.print(f"[bold]{label}[/bold]{escape(rule)}  [dim]{n} tensor{'s' * (n != 1)}[/dim]")
-        by_shape: dict[tuple, list] = defaultdict(list)
-        for e in entries:
-            by_shape[tuple(e.shape)].append(e)
-        lines = []
-        for shape, same in by_shape.items():
-            sources = [p for p, _ in collapse_keys(e.source for e in same)]
-            targets = [p for p, _ in collapse_keys(e.target for e in same)]
-            if len(sources) != len(targets):
-                targets = [""] * len(sources)
-            lines += [
-                (s if s == t or not t else f"{s} -> {t}", shape)
-                for s, t in zip(sources, targets, strict=True)
-            ]
+        by_shape: dict[tuple, list[str]] = defaultdict(list)
+        for line, shape in items:
+            by_shape[shape].append(line)
+        lines = [(p, shape) for shape, names in by_shape.items() for p, _ in collapse_keys(names)]
         for line, shape in sorted(lines):
             console.print(f"  {line}  {list(shape)}", markup=False)
     counts = defaultdict(int)

@@ -498,7 +498,7 @@ class _Builder:
             if value is None:
                 continue
             rules = [*list(dict.fromkeys(r for m in members for r in m.rules)), rule.id]
-            sources = tuple(sorted({s for m in members for s in m.sources}))
+            sources = tuple(dict.fromkeys(s for m in members for s in m.sources))  # merge order
             merged[id(members[0])] = _Node(name, value, sources, rules)
             gone.update(id(m) for m in members)
         self.live = [

@@ -261,55 +261,73 @@ _NUMBERED = re.compile(r"(\D*?)(0|[1-9]\d*)")
 def collapse_keys(keys: Iterable[str]) -> list[tuple[str, int]]:
     """Keys with numbered segments folded into ranges: [('layers.{0..11}.q.weight', 12), …].
 
-    Keys that differ only in one numbered segment merge; merging every position
-    in turn folds full grids (`layers.{0..3}.experts.{0..7}.w1`). Order of first
-    appearance is kept.
+    Keys of the same shape (the same text but for numbers) fold position by
+    position, so full grids fold too (`layers.{0..3}.experts.{0..7}.w1`).
+    Numbers that move together in every key (a layer index in a source and in
+    its target: `h.{0..11}.attn -> blocks.{0..11}.attn`) fold as one.
     """
-    # an entry: tuple of segments, each a str or (prefix, frozenset of numbers)
-    entries: dict[tuple, int] = {}
+    groups: dict[tuple, list[tuple[int, ...]]] = {}
     for key in keys:
-        segs = []
+        template: list = []
+        numbers: list[int] = []
         for seg in key.split("."):
             m = _NUMBERED.fullmatch(seg)
-            segs.append((m.group(1), frozenset([int(m.group(2))])) if m else seg)
-        entries[tuple(segs)] = entries.get(tuple(segs), 0) + 1
-    width = max((len(e) for e in entries), default=0)
-    for pos in reversed(range(width)):
-        merged: dict[tuple, list] = {}
-        for entry, count in entries.items():
-            seg = entry[pos] if pos < len(entry) else None
-            if isinstance(seg, tuple):
-                slot = (*entry[:pos], ("#", seg[0]), *entry[pos + 1 :])
+            if m:
+                template.append((m.group(1),))
+                numbers.append(int(m.group(2)))
+            else:
+                template.append(seg)
+        groups.setdefault(tuple(template), []).append(tuple(numbers))
+    out = []
+    for template, vectors in groups.items():
+        classes = _linked_positions(vectors)
+        entries: dict[tuple, int] = {}
+        for vec in vectors:
+            reduced = tuple(frozenset([vec[c[0]]]) for c in classes)
+            entries[reduced] = entries.get(reduced, 0) + 1
+        for pos in reversed(range(len(classes))):
+            merged: dict[tuple, list] = {}
+            for entry, count in entries.items():
+                slot = entry[:pos] + entry[pos + 1 :]
                 if slot in merged:
-                    merged[slot][0] |= seg[1]
+                    merged[slot][0] |= entry[pos]
                     merged[slot][1] += count
                 else:
-                    merged[slot] = [set(seg[1]), count, pos, seg[0]]
-            else:
-                merged[(entry, None)] = [None, count, None, None]
-        entries = {}
-        for slot, (numbers, count, p, prefix) in merged.items():
-            if numbers is None:
-                entries[slot[0]] = count
-            else:
-                entry = (*slot[:p], (prefix, frozenset(numbers)), *slot[p + 1 :])
-                entries[entry] = count
-    return [(_format(entry), count) for entry, count in entries.items()]
+                    merged[slot] = [set(entry[pos]), count]
+            entries = {
+                (*slot[:pos], frozenset(nums), *slot[pos:]): count
+                for slot, (nums, count) in merged.items()
+            }
+        class_of = {p: i for i, c in enumerate(classes) for p in c}
+        for entry, count in entries.items():
+            parts, k = [], 0
+            for seg in template:
+                if isinstance(seg, tuple):
+                    parts.append(seg[0] + format_numbers(sorted(entry[class_of[k]])))
+                    k += 1
+                else:
+                    parts.append(seg)
+            out.append((".".join(parts), count))
+    return out
+
+
+def _linked_positions(vectors: list[tuple[int, ...]]) -> list[list[int]]:
+    """Positions that hold the same number in every vector, grouped (partition refinement)."""
+    width = len(vectors[0]) if vectors else 0
+    classes = [list(range(width))] if width else []
+    for vec in vectors:
+        refined = []
+        for cls in classes:
+            by_value: dict[int, list[int]] = {}
+            for p in cls:
+                by_value.setdefault(vec[p], []).append(p)
+            refined.extend(by_value.values())
+        classes = refined
+    return sorted(classes, key=lambda c: c[0])
 
 
 def _collapsed(keys: Iterable[str]) -> list[str]:
     return [key for key, _ in collapse_keys(keys)]
-
-
-def _format(entry: tuple) -> str:
-    out = []
-    for seg in entry:
-        if isinstance(seg, str):
-            out.append(seg)
-        else:
-            prefix, numbers = seg
-            out.append(prefix + format_numbers(sorted(numbers)))
-    return ".".join(out)
 
 
 def format_numbers(numbers: list[int]) -> str:
@@ -362,13 +380,19 @@ def render_problems(
 
 
 def render_plan(plan: Plan) -> str:
-    """One line per source key (source -> target, shape, status, rules), then the problems."""
-    lines = [f"plan {plan.fingerprint[:19]}  ({len(plan.sources)} source keys)"]
+    """One line per tensor the plan makes (sources -> target, shape, status, rules), then the rest."""
+    n_out = len(plan.outputs)
+    lines = [f"plan {plan.fingerprint[:19]}  ({len(plan.sources)} source keys, {n_out} outputs)"]
+    for o in plan.outputs:
+        made_of = " + ".join(o.sources)
+        status = o.status if not o.reason else f"{o.status} ({o.reason})"
+        arrow = o.target if made_of == o.target else f"{made_of} -> {o.target}"
+        via = "; ".join(plan.rules[i].text for i in o.rules)
+        lines.append(f"  {arrow}  {o.shape}  {status}" + (f"  [{via}]" if via else ""))
     for e in plan.sources:
-        status = e.status if not e.reason else f"{e.status} ({e.reason})"
-        arrow = e.source if e.source == e.target else f"{e.source} -> {e.target}"
-        via = "; ".join(plan.rules[i].text for i in e.rules)
-        lines.append(f"  {arrow}  {e.shape}  {status}" + (f"  [{via}]" if via else ""))
+        if e.reason == "skip":
+            via = "; ".join(plan.rules[i].text for i in e.rules)
+            lines.append(f"  {e.source}  {e.shape}  skipped  [{via}]")
     for t in plan.targets or ():
         if t.status != "loaded" or t.reason == "tied":
             extra = f" ({t.reason})" if t.reason else ""
