@@ -301,3 +301,13 @@ def test_inverse_restores_the_source_bit_for_bit(case, layers):
         assert back[k].dtype == v.dtype and back[k].shape == v.shape
         raw = back[k].contiguous().view(-1).view(torch.uint8)
         assert torch.equal(raw, v.contiguous().view(-1).view(torch.uint8)), k
+
+
+def test_a_source_split_into_pieces_some_dropped_cannot_be_restored():
+    sd = {"qkv": torch.randn(6, 2), "w": torch.randn(2)}
+    plan = ckptmap.compile('split "qkv" -> "q", "k", "v" | split(3, 0)\ninit "v"').plan(sd)
+    with pytest.raises(ckptmap.PlanError) as info:
+        plan.inverse()
+    assert "qkv cannot be restored: not everything made from it is in the output" in str(info.value)
+    partial = plan.inverse(allow_lossy=True)
+    assert [o.target for o in partial.outputs] == ["w"]

@@ -71,24 +71,27 @@ def invert(plan: Plan, allow_lossy: bool = False) -> Plan:
         available.update(step.inputs)
 
     lost = [e for e in plan.sources if e.value not in available]
+    behind_lossy = {s for p in lossy for s in p.keys}
     for e in lost:
-        if e.status != "loaded":
-            why = {
-                "skip": "skipped",
-                "init": "replaced by init",
-                "mismatch": "a shape mismatch",
-                "unexpected": "not in the target",
-            }.get(e.reason or e.status, e.status)
-            lossy.append(
-                _problem(
-                    "CKM308",
-                    "lossy",
-                    f"{e.source} cannot be restored: it was {why} on the way there",
-                    [e.source],
-                    e.rules,
-                    "warn" if allow_lossy else "error",
-                )
+        if e.source in behind_lossy:
+            continue  # already named with the step that loses it
+        why = {
+            "skip": "it was skipped",
+            "init": "it was replaced by init",
+            "mismatch": "its shape did not match the target",
+        }.get(e.reason or "", "not everything made from it is in the output")
+        if e.status == "unexpected":
+            why = "its name is not in the target"
+        lossy.append(
+            _problem(
+                "CKM308",
+                "lossy",
+                f"{e.source} cannot be restored: {why}",
+                [e.source],
+                e.rules,
+                "warn" if allow_lossy else "error",
             )
+        )
     if lossy and not allow_lossy:
         raise PlanError(
             f"the plan cannot be reversed exactly: {len(lossy)} entr{'ies' if len(lossy) > 1 else 'y'}",
