@@ -375,11 +375,53 @@ def test_write_plan_reports_every_byte_and_reads_one_tensor_at_a_time(tmp_path):
     reads = []
     original_get = ckpt.get
     ckpt.get = lambda name: reads.append(name) or original_get(name)
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+
+    # renames only: every tensor's bytes are copied undecoded, none is read as a tensor
     plan = ckptmap.compile('strip "module."').plan(ckpt)
     seen = []
-    write_plan(plan, ckpt, tmp_path / "out.safetensors", metadata={}, on_bytes=seen.append)
-    assert sum(seen) == sum(v.numel() * v.element_size() for v in sd.values())
-    assert sorted(reads) == sorted(sd)  # each tensor read exactly once
+    write_plan(plan, ckpt, tmp_path / "renamed.safetensors", metadata={}, on_bytes=seen.append)
+    assert sum(seen) == total and reads == []
+    renamed = load_file(tmp_path / "renamed.safetensors")
+    assert all(torch.equal(renamed[k[7:]], v) for k, v in sd.items())
+
+    # with a transform: each tensor read exactly once
+    plan = ckptmap.compile('strip "module."\ntransform "**" | reshape([-1])').plan(ckpt)
+    seen.clear()
+    write_plan(plan, ckpt, tmp_path / "flat.safetensors", metadata={}, on_bytes=seen.append)
+    assert sum(seen) == total
+    assert sorted(reads) == sorted(sd)
+
+
+def test_streaming_output_equals_the_in_memory_path(tmp_path):
+    """File to file (streamed, raw copies, shards) gives exactly what Plan.apply gives in memory."""
+    from ckptmap.apply import write_plan
+
+    torch.manual_seed(0)
+    sd = {
+        f"model.layers.{i}.{p}": torch.randn(8, 8).to(torch.bfloat16)
+        for i in range(3)
+        for p in "qkv"
+    }
+    sd |= {f"model.layers.{i}.norm": torch.randn(8) for i in range(3)}
+    source = tmp_path / "m.safetensors"
+    save_file(sd, source)
+    text = (
+        'merge "model.layers.{i}.q", "model.layers.{i}.k", "model.layers.{i}.v" -> '
+        '"blocks.{i}.qkv" | cat(0) | transpose(0, 1)\n'
+        'rename "model.layers.{i}.norm" -> "blocks.{i}.norm"\n'
+    )
+    program = ckptmap.compile(text)
+    in_memory = program.plan(sd).apply(sd)
+    ckpt = open_checkpoint(source)
+    plan = program.plan(ckpt)
+    for out in (tmp_path / "one.safetensors", tmp_path / "sharded"):
+        write_plan(plan, ckpt, out, metadata={}, max_shard_size=300 if out.suffix == "" else None)
+        streamed = open_checkpoint(out)
+        assert streamed.meta().keys() == in_memory.keys()
+        for k, v in in_memory.items():
+            got = streamed.get(k)
+            assert got.dtype == v.dtype and torch.equal(got, v.contiguous()), k
 
 
 def test_apply_reverse_restores_the_original_layout(tmp_path):

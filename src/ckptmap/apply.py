@@ -250,9 +250,15 @@ def write_plan(
         if group and renamed[group[0]] != target:
             aliases[target] = renamed[group[0]]
     value_of = {o.target: o.value for o in loaded}
-    evaluator = Evaluator(
-        plan, checkpoint.get, [o.value for o in loaded if o.target not in aliases]
-    )
+    # a renamed tensor going to safetensors is copied byte for byte, never decoded
+    raw = {}
+    if Path(out).suffix == ".safetensors" or max_shard_size is not None:
+        for o in loaded:
+            if o.value in by_value and o.target not in aliases:
+                raw[o.target] = checkpoint.raw(by_value[o.value])
+        raw = {k: v for k, v in raw.items() if v is not None}
+    computed = [o.value for o in loaded if o.target not in aliases and o.target not in raw]
+    evaluator = Evaluator(plan, checkpoint.get, computed)
     items = [
         (o.target, TensorMeta(tuple(o.shape), o.dtype or meta[o.sources[0]].dtype)) for o in loaded
     ]
@@ -262,7 +268,7 @@ def write_plan(
         return save_checkpoint(
             out,
             items,
-            lambda name: evaluator.take(value_of[name]),
+            lambda name: raw[name] if name in raw else evaluator.take(value_of[name]),
             metadata=metadata,
             aliases=aliases,
             max_shard_size=max_shard_size,

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..plan import Described, TensorMeta
+    from .safetensors import RawBytes
 
 
 class Checkpoint:
@@ -33,6 +34,10 @@ class Checkpoint:
 
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def raw(self, name: str) -> RawBytes | None:
+        """Where a tensor's bytes lie, when they can be copied as they are (safetensors)."""
+        return None
 
     def ties(self) -> dict[str, tuple[str, ...]]:
         """Names whose tensors are one tensor stored once (tied weights), grouped."""

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Callable, Iterable
 from functools import cached_property
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import CheckpointError
 from .base import Checkpoint
@@ -185,6 +186,11 @@ class SafetensorsCheckpoint(Checkpoint):
             groups.setdefault(stored, [stored]).append(alias)
         return {k: tuple(sorted(g)) for g in groups.values() for k in g}
 
+    def raw(self, name: str) -> RawBytes:
+        """Where `name`'s bytes lie in the file."""
+        begin, end = self.header[self.aliases.get(name, name)]["data_offsets"]
+        return RawBytes(self.path, self.data_start + begin, end - begin)
+
     def get(self, name: str) -> torch.Tensor:
         name = self.aliases.get(name, name)
         if name in self._cache:  # tied names hand back one tensor
@@ -204,6 +210,40 @@ class SafetensorsCheckpoint(Checkpoint):
         if self.aliases and name in self.aliases.values():
             self._cache[name] = tensor
         return tensor
+
+
+# --- raw bytes ---
+
+
+class RawBytes(NamedTuple):
+    """A tensor's bytes where they lie in a file: copied as they are, never decoded."""
+
+    path: Path
+    offset: int
+    length: int
+
+    def copy_to(self, dst: int) -> None:
+        """Append the bytes to the file `dst` is open on (at its position), in the kernel."""
+        with open(self.path, "rb", buffering=0) as src:
+            fd, offset, left = src.fileno(), self.offset, self.length
+            copy = getattr(os, "copy_file_range", None)
+            while left and copy is not None:
+                try:
+                    done = copy(fd, dst, left, offset)
+                except OSError:  # another filesystem, or no support here
+                    break
+                if done == 0:
+                    break
+                offset, left = offset + done, left - done
+            src.seek(offset)
+            while left:  # large buffered copies where the kernel cannot help
+                chunk = src.read(min(left, 16 << 20))
+                if not chunk:
+                    raise CheckpointError(f"{self.path}: ended early", code="CKM510")
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(dst, view) :]
+                left -= len(chunk)
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -244,6 +284,12 @@ def write(
     f.write(blob)
     for name, m in items:
         tensor = fetch(name)
+        if isinstance(tensor, RawBytes):  # a renamed tensor: its bytes, copied undecoded
+            f.flush()
+            tensor.copy_to(f.fileno())
+            if on_bytes:
+                on_bytes(tensor.length)
+            continue
         if tuple(tensor.shape) != tuple(m.shape) or str(tensor.dtype) != f"torch.{m.dtype}":
             raise CheckpointError(
                 f"{name}: the tensor is {list(tensor.shape)} {tensor.dtype}, the plan said "

@@ -99,3 +99,6 @@ class ShardedCheckpoint(Checkpoint):
 
     def get(self, name: str) -> torch.Tensor:
         return self.shard(self._located[name][0]).get(name)
+
+    def raw(self, name: str):
+        return self.shard(self._located[name][0]).raw(name)

@@ -95,7 +95,7 @@ def save_checkpoint(
         return _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes)
     tmp = out.parent / f".{out.name}{PARTIAL}{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb", buffering=0) as f:  # unbuffered: raw copies go straight to the fd
             if out.suffix == ".safetensors":
                 stored = [(n, m) for n, m in items if n not in aliases]
                 meta = dict(metadata)
@@ -155,7 +155,7 @@ def _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes
             meta = dict(metadata)
             if shard_aliases:
                 meta[st.ALIASES_KEY] = json.dumps(shard_aliases, sort_keys=True)
-            with open(tmp / file, "wb") as f:
+            with open(tmp / file, "wb", buffering=0) as f:
                 st.write(f, shard, fetch, meta, on_bytes)
                 f.flush()
                 os.fsync(f.fileno())
