@@ -67,3 +67,19 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path):
     with pytest.raises(ckptmap.CheckpointError) as info:
         open_checkpoint(path).meta()
     assert info.value.code == "CKM510"
+
+
+def test_a_safetensors_header_of_128_bytes_is_not_taken_for_a_pickle(tmp_path):
+    """The 8-byte length 128 begins with 0x80, the first byte of a pickle."""
+    import json
+
+    from ckptmap.io.safetensors import SafetensorsCheckpoint
+
+    for n in range(1, 120):  # some header among these is exactly 128 bytes long
+        path = tmp_path / f"m{n}.safetensors"
+        save_file({"x" * n: torch.ones(1)}, path)
+        if path.read_bytes()[0] == 0x80:
+            assert isinstance(open_checkpoint(path), SafetensorsCheckpoint)
+            assert json.loads(path.read_bytes()[8:136])  # the header indeed is 128 bytes
+            return
+    pytest.fail("no 128-byte header produced")

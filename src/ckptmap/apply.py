@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -262,9 +264,9 @@ def write_plan(
     items = [
         (o.target, TensorMeta(tuple(o.shape), o.dtype or meta[o.sources[0]].dtype)) for o in loaded
     ]
-    import torch
-
-    with torch.no_grad():
+    # torch is needed only when a tensor is computed; a pure rename never imports it
+    torch = sys.modules.get("torch")
+    with torch.no_grad() if torch is not None and computed else contextlib.nullcontext():
         return save_checkpoint(
             out,
             items,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,24 +53,24 @@ def dtype_name(dtype: Any) -> str:
 
 def describe(obj: Any, role: str = "source") -> Described:
     """Metadata of a state_dict, `{name: shape}`, nn.Module or checkpoint path (no tensor data)."""
-    import torch
-
     from .io import Checkpoint
 
     if isinstance(obj, Described):
         return obj
     if isinstance(obj, Checkpoint):
         return obj.describe()
-    if isinstance(obj, torch.nn.Module):
-        state = obj.state_dict(keep_vars=True)  # the live tensors: nothing is copied
-        params = frozenset(n for n, _ in obj.named_parameters(remove_duplicate=False))
-        return Described(_meta_of(state, role), _ties(state), params)
     if isinstance(obj, (str, Path)):
         from .io import open_checkpoint
 
         return open_checkpoint(obj).describe()
+    # Only what torch made can be a module or a tensor: no need to import it (seconds) otherwise.
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.nn.Module):
+        state = obj.state_dict(keep_vars=True)  # the live tensors: nothing is copied
+        params = frozenset(n for n, _ in obj.named_parameters(remove_duplicate=False))
+        return Described(_meta_of(state, role), _ties(state), params)
     if isinstance(obj, Mapping):
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        tensors = {k: v for k, v in obj.items() if torch and isinstance(v, torch.Tensor)}
         return Described(_meta_of(obj, role), _ties(tensors))
     raise TypeError(
         f"{role} must be a state_dict, a {{name: shape}} mapping, an nn.Module or a checkpoint "
@@ -78,17 +79,17 @@ def describe(obj: Any, role: str = "source") -> Described:
 
 
 def _meta_of(mapping: Mapping[str, Any], role: str) -> dict[str, TensorMeta]:
-    import torch
-
+    torch = sys.modules.get("torch")
+    tensor = torch.Tensor if torch is not None else ()
     out: dict[str, TensorMeta] = {}
     for key, value in mapping.items():
         if not isinstance(key, str):
             raise TypeError(f"{role} keys must be strings, got {key!r}")
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, tensor):
             out[key] = TensorMeta(tuple(value.shape), dtype_name(value.dtype))
         elif isinstance(value, TensorMeta):
             out[key] = value
-        elif isinstance(value, (tuple, list, torch.Size)) and all(
+        elif isinstance(value, (tuple, list)) and all(
             isinstance(d, int) and d >= 0 for d in value
         ):
             out[key] = TensorMeta(tuple(value))

@@ -48,12 +48,15 @@ def open_file(path: Path, select: str | None = None) -> Checkpoint:
             head = f.read(9)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})", code="CKM501") from None
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # zip, or a legacy pickle
-        return TorchCheckpoint(path, select=select)
-    if (len(head) >= 9 and head[8:9] == b"{") or path.suffix == ".safetensors":
+    # safetensors first: its 8-byte header length can begin with 0x80, like a pickle
+    if len(head) >= 9 and head[8:9] == b"{":
         if select:
             raise CheckpointError(f"{path}: --select is for torch checkpoints", code="CKM523")
         return SafetensorsCheckpoint(path)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # zip, or a legacy pickle
+        return TorchCheckpoint(path, select=select)
+    if path.suffix == ".safetensors":
+        return SafetensorsCheckpoint(path)  # its header check will say what is wrong
     raise CheckpointError(
         f"{path}: neither a safetensors file nor a torch checkpoint", code="CKM503"
     )

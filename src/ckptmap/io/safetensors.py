@@ -261,8 +261,6 @@ def write(
     `items` are (name, meta) in the order to store them; `fetch(name)` reads a
     tensor when its turn comes, and it is released right after it is written.
     """
-    import torch
-
     items = list(items)
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
@@ -296,6 +294,8 @@ def write(
                 f"{list(m.shape)} {m.dtype}",
                 code="CKM534",
             )
+        import torch
+
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         f.write(memoryview(data))
         if on_bytes:
