@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -36,10 +35,13 @@ RESUB = [
     (r"^model\.layers\.(\d+)\.mlp\.", r"layers.\1.feed_forward."),
     (r"^model\.embed_tokens\.", "tok_embeddings."),
 ]
-TRANSFORM_RULES = RULES + """\
+TRANSFORM_RULES = (
+    RULES
+    + """\
 transform "layers.{i}.feed_forward.down_proj.weight" | transpose(0, 1)
 merge "layers.{i}.attention.q_proj.weight", "layers.{i}.attention.k_proj.weight", "layers.{i}.attention.v_proj.weight" -> "layers.{i}.attention.qkv.weight" | cat(0)
 """
+)
 
 
 def llama_shapes(size_mb: float) -> dict[str, list[int]]:
@@ -60,8 +62,11 @@ def _shapes(d: int) -> dict[str, list[int]]:
     for i in range(16):
         p = f"model.layers.{i}."
         out |= {p + f"self_attn.{x}_proj.weight": [d, d] for x in "qkvo"}
-        out |= {p + "mlp.gate_proj.weight": [h, d], p + "mlp.up_proj.weight": [h, d],
-                p + "mlp.down_proj.weight": [d, h]}
+        out |= {
+            p + "mlp.gate_proj.weight": [h, d],
+            p + "mlp.up_proj.weight": [h, d],
+            p + "mlp.down_proj.weight": [d, h],
+        }
         out |= {p + "input_layernorm.weight": [d], p + "post_attention_layernorm.weight": [d]}
     out |= {"model.norm.weight": [d], "lm_head.weight": [vocab, d]}
     return out
@@ -78,32 +83,43 @@ def _total(shapes: dict[str, list[int]]) -> int:
 
 
 def moe_keys(n: int) -> list[str]:
-    """About `n` MoE-style keys (experts × 3 projections per layer, plus attention)."""
+    """About `n` MoE-style keys (experts x 3 projections per layer, plus attention)."""
     keys, layer = [], 0
     while len(keys) < n:
         p = f"model.layers.{layer}."
         keys += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
         keys += [p + "mlp.gate.weight", p + "input_layernorm.weight"]
-        keys += [p + f"mlp.experts.{e}.{w}.weight" for e in range(256)
-                 for w in ("gate_proj", "up_proj", "down_proj")]
+        keys += [
+            p + f"mlp.experts.{e}.{w}.weight"
+            for e in range(256)
+            for w in ("gate_proj", "up_proj", "down_proj")
+        ]
         layer += 1
     return keys[:n]
 
 
 MOE_RULES = [
-    *(f'rename "model.layers.{{i}}.mlp.experts.{{j}}.{w}" -> "layers.{{i}}.moe.experts.{{j}}.{n}"'
-      for w, n in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))),
-    *(f'rename "model.layers.{{i}}.self_attn.{x}_proj" -> "layers.{{i}}.attention.w{x}"'
-      for x in "qkvo"),
+    *(
+        f'rename "model.layers.{{i}}.mlp.experts.{{j}}.{w}" -> "layers.{{i}}.moe.experts.{{j}}.{n}"'
+        for w, n in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))
+    ),
+    *(
+        f'rename "model.layers.{{i}}.self_attn.{x}_proj" -> "layers.{{i}}.attention.w{x}"'
+        for x in "qkvo"
+    ),
     'rename "model.layers.{i}.mlp.gate" -> "layers.{i}.moe.router"',
     'rename "model.layers.{i}.input_layernorm" -> "layers.{i}.attention_norm"',
     *(f'skip "model.layers.{{i}}.unused_{n}"' for n in range(41)),
 ]
 MOE_RESUB = [
-    *((rf"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.{w}\.", rf"layers.\1.moe.experts.\2.{n}.")
-      for w, n in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))),
-    *((rf"^model\.layers\.(\d+)\.self_attn\.{x}_proj\.", rf"layers.\1.attention.w{x}.")
-      for x in "qkvo"),
+    *(
+        (rf"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.{w}\.", rf"layers.\1.moe.experts.\2.{n}.")
+        for w, n in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))
+    ),
+    *(
+        (rf"^model\.layers\.(\d+)\.self_attn\.{x}_proj\.", rf"layers.\1.attention.w{x}.")
+        for x in "qkvo"
+    ),
     (r"^model\.layers\.(\d+)\.mlp\.gate\.", r"layers.\1.moe.router."),
     (r"^model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.attention_norm."),
     *((rf"^model\.layers\.(\d+)\.unused_{n}\.", "") for n in range(41)),
@@ -173,17 +189,23 @@ def build(shapes):
             mod.register_parameter(leaf, nn.Parameter(torch.empty(shape)))
     return m.to_empty(device="cpu")
 """
-BARE_LOAD = MODEL + """
+BARE_LOAD = (
+    MODEL
+    + """
 import json, sys
 from safetensors.torch import load_file
 model = build(json.load(open(sys.argv[1])))
 model.load_state_dict(load_file(sys.argv[2]))
 """
-LOAD_INTO = MODEL + """
+)
+LOAD_INTO = (
+    MODEL
+    + """
 import json, sys, ckptmap
 model = build(json.load(open(sys.argv[1])))
 ckptmap.load_into(model, sys.argv[2], "")
 """
+)
 GENERATE = """
 import json, sys, torch
 from pathlib import Path
@@ -243,8 +265,12 @@ def _remove(path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--size-mb", type=float, default=1040, help="checkpoint size (default ~1.09 GB)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--size-mb", type=float, default=1040, help="checkpoint size (default ~1.09 GB)"
+    )
     parser.add_argument("--keys", type=int, default=100_750, help="keys in the planning header")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None, help="where inputs go (a temp dir)")
@@ -267,10 +293,15 @@ def main() -> None:
     (work / "transform.ckmap").write_text(TRANSFORM_RULES)
     subprocess.run([PY, "-c", GENERATE, str(work)], check=True)
     largest = max(_total({"x": s}) for s in shapes.values()) * 4 / 2**20
-    group = _total({x: shapes[f"model.layers.0.self_attn.{x}_proj.weight"] for x in "qkv"}) * 4 / 2**20
+    group = (
+        _total({x: shapes[f"model.layers.0.self_attn.{x}_proj.weight"] for x in "qkv"}) * 4 / 2**20
+    )
     size = st_path.stat().st_size / 2**20
-    print(f"checkpoint: {len(shapes)} tensors, {size:.0f} MiB, largest {largest:.0f} MiB; "
-          f"planning header: {len(keys)} keys, {len(MOE_RULES)} rules", flush=True)
+    print(
+        f"checkpoint: {len(shapes)} tensors, {size:.0f} MiB, largest {largest:.0f} MiB; "
+        f"planning header: {len(keys)} keys, {len(MOE_RULES)} rules",
+        flush=True,
+    )
 
     out = work / "out"
     r = args.repeat
@@ -279,26 +310,60 @@ def main() -> None:
         "cp": run(["cp", str(st_path), str(out)], r, out),
         "import torch": run([PY, "-c", "import torch"], r),
         "torch.load + loop + torch.save": run(
-            [PY, "-c", NAIVE_TORCH.format(resub=RESUB, mmap=False), str(pt_path), str(out)], r, out),
+            [PY, "-c", NAIVE_TORCH.format(resub=RESUB, mmap=False), str(pt_path), str(out)], r, out
+        ),
         "same with mmap=True": run(
-            [PY, "-c", NAIVE_TORCH.format(resub=RESUB, mmap=True), str(pt_path), str(out)], r, out),
+            [PY, "-c", NAIVE_TORCH.format(resub=RESUB, mmap=True), str(pt_path), str(out)], r, out
+        ),
         "safetensors load_file + loop + save_file": run(
-            [PY, "-c", NAIVE_ST.format(resub=RESUB), str(st_path), str(out)], r, out),
+            [PY, "-c", NAIVE_ST.format(resub=RESUB), str(st_path), str(out)], r, out
+        ),
         "ckptmap apply (rename, st -> st)": run(
-            [PY, "-c", CKPTMAP_APPLY, str(work / "rules.ckmap"), str(st_path), str(out) + ".safetensors"],
-            r, Path(str(out) + ".safetensors")),
+            [
+                PY,
+                "-c",
+                CKPTMAP_APPLY,
+                str(work / "rules.ckmap"),
+                str(st_path),
+                str(out) + ".safetensors",
+            ],
+            r,
+            Path(str(out) + ".safetensors"),
+        ),
         "naive transforms (.pt, mmap)": run(
-            [PY, "-c", NAIVE_TRANSFORM.format(resub=RESUB), str(pt_path), str(out)], r, out),
+            [PY, "-c", NAIVE_TRANSFORM.format(resub=RESUB), str(pt_path), str(out)], r, out
+        ),
         "ckptmap apply (transpose + cat, .pt -> st)": run(
-            [PY, "-c", CKPTMAP_APPLY, str(work / "transform.ckmap"), str(pt_path),
-             str(out) + ".safetensors"], r, Path(str(out) + ".safetensors")),
+            [
+                PY,
+                "-c",
+                CKPTMAP_APPLY,
+                str(work / "transform.ckmap"),
+                str(pt_path),
+                str(out) + ".safetensors",
+            ],
+            r,
+            Path(str(out) + ".safetensors"),
+        ),
         "model.load_state_dict(load_file(path))": run(
-            [PY, "-c", BARE_LOAD, str(work / "shapes.json"), str(st_path)], r),
+            [PY, "-c", BARE_LOAD, str(work / "shapes.json"), str(st_path)], r
+        ),
         "ckptmap.load_into(model, path, rules)": run(
-            [PY, "-c", LOAD_INTO, str(work / "shapes.json"), str(st_path)], r),
+            [PY, "-c", LOAD_INTO, str(work / "shapes.json"), str(st_path)], r
+        ),
     }
-    _, _, text = run([PY, "-c", PLAN_BOTH, str(work / "moe-keys.json"), str(work / "moe-resub.json"),
-                      str(work / "moe.ckmap"), str(work / "moe-header.safetensors")], 1)
+    _, _, text = run(
+        [
+            PY,
+            "-c",
+            PLAN_BOTH,
+            str(work / "moe-keys.json"),
+            str(work / "moe-resub.json"),
+            str(work / "moe.ckmap"),
+            str(work / "moe-header.safetensors"),
+        ],
+        1,
+    )
     planning = json.loads(text)
 
     floor = results["import torch"][1]
@@ -309,25 +374,55 @@ def main() -> None:
     print(f"{'approach':48} {'wall s':>8} {'peak MiB':>9}")
     for name, (wall, peak, _) in results.items():
         print(f"{name:48} {wall:8.2f} {peak:9.0f}")
-    print(f"{'plan ' + str(planning['keys']) + ' keys, naive re.sub loop':48} {planning['naive']:8.2f}")
-    print(f"{'plan ' + str(planning['keys']) + ' keys, ckptmap (in process)':48} {planning['ckptmap']:8.2f}")
+    print(
+        f"{'plan ' + str(planning['keys']) + ' keys, naive re.sub loop':48} {planning['naive']:8.2f}"
+    )
+    print(
+        f"{'plan ' + str(planning['keys']) + ' keys, ckptmap (in process)':48} {planning['ckptmap']:8.2f}"
+    )
 
     apply_st = "ckptmap apply (rename, st -> st)"
     apply_tr = "ckptmap apply (transpose + cat, .pt -> st)"
     checks = [
         ("rename st->st wall <= 1.3 x cp", w[apply_st] / w["cp"], 1.3, "<="),
-        ("rename st->st >= 2.5 x faster than safetensors loop",
-         w["safetensors load_file + loop + save_file"] / w[apply_st], 2.5, ">="),
-        ("rename st->st peak <= floor + 2 x largest (MiB)",
-         m[apply_st], floor + 2 * largest, "<="),
-        ("transforms peak <= floor + group + 2 x largest (MiB)",
-         m[apply_tr], floor + group + 2 * largest, "<="),
-        ("transforms wall <= 1.2 x naive loop", w[apply_tr] / w["naive transforms (.pt, mmap)"], 1.2, "<="),
-        ("load_into peak <= model + floor + 2 x largest (MiB)",
-         m["ckptmap.load_into(model, path, rules)"], model_mb + floor + 2 * largest, "<="),
-        ("load_into wall <= 1.1 x bare load_state_dict",
-         w["ckptmap.load_into(model, path, rules)"] / w["model.load_state_dict(load_file(path))"], 1.1, "<="),
-        ("plan >= 10 x faster than the naive loop", planning["naive"] / planning["ckptmap"], 10, ">="),
+        (
+            "rename st->st >= 2.5 x faster than safetensors loop",
+            w["safetensors load_file + loop + save_file"] / w[apply_st],
+            2.5,
+            ">=",
+        ),
+        ("rename st->st peak <= floor + 2 x largest (MiB)", m[apply_st], floor + 2 * largest, "<="),
+        (
+            "transforms peak <= floor + group + 2 x largest (MiB)",
+            m[apply_tr],
+            floor + group + 2 * largest,
+            "<=",
+        ),
+        (
+            "transforms wall <= 1.2 x naive loop",
+            w[apply_tr] / w["naive transforms (.pt, mmap)"],
+            1.2,
+            "<=",
+        ),
+        (
+            "load_into peak <= model + floor + 2 x largest (MiB)",
+            m["ckptmap.load_into(model, path, rules)"],
+            model_mb + floor + 2 * largest,
+            "<=",
+        ),
+        (
+            "load_into wall <= 1.1 x bare load_state_dict",
+            w["ckptmap.load_into(model, path, rules)"]
+            / w["model.load_state_dict(load_file(path))"],
+            1.1,
+            "<=",
+        ),
+        (
+            "plan >= 10 x faster than the naive loop",
+            planning["naive"] / planning["ckptmap"],
+            10,
+            ">=",
+        ),
         ("plan well under a second (s)", planning["ckptmap"], 1.0, "<="),
     ]
     print()
@@ -338,8 +433,9 @@ def main() -> None:
         print(f"{name:58} {value:10.2f} {op}{bound:7.2f}  {'yes' if ok else 'NO'}")
         report.append({"target": name, "measured": value, "bound": bound, "op": op, "met": ok})
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "planning": planning, "checks": report},
-                                        indent=2))
+        args.json.write_text(
+            json.dumps({"results": results, "planning": planning, "checks": report}, indent=2)
+        )
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -9,12 +9,15 @@ the policies) before any tensor is read.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import sys
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -22,6 +25,7 @@ from pydantic import BaseModel
 
 from .errors import PlanError, Span
 from .ops import Meta, Op, OpError
+from .patterns import Matcher, PatternError
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -89,9 +93,7 @@ def _meta_of(mapping: Mapping[str, Any], role: str) -> dict[str, TensorMeta]:
             out[key] = TensorMeta(tuple(value.shape), dtype_name(value.dtype))
         elif isinstance(value, TensorMeta):
             out[key] = value
-        elif isinstance(value, (tuple, list)) and all(
-            isinstance(d, int) and d >= 0 for d in value
-        ):
+        elif isinstance(value, (tuple, list)) and all(isinstance(d, int) and d >= 0 for d in value):
             out[key] = TensorMeta(tuple(value))
         else:
             raise TypeError(
@@ -298,12 +300,71 @@ class Plan(BaseModel):
 
 
 def fingerprint_of(plan: Plan) -> str:
-    """A hash of what the plan does: spans and file paths do not count."""
-    data = plan.model_dump(mode="json", exclude={"fingerprint", "ckptmap"})
-    for rule in data["rules"]:
-        rule.pop("span", None)
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-    return "sha256:" + hashlib.sha256(blob).hexdigest()
+    """A hash of what the plan does: spans and file paths do not count.
+
+    Every field of the plan but `fingerprint`, `ckptmap` and the rules' spans is
+    fed in (a new field must be added here too), as compact JSON rows.
+    """
+    digest = hashlib.sha256()
+
+    def feed(rows: Any) -> None:
+        digest.update(json.dumps(rows, separators=(",", ":")).encode())
+        digest.update(b"\n")
+
+    feed([plan.rules_fingerprint, [r.text for r in plan.rules], plan.policies])
+    feed([[v.shape, v.dtype] for v in plan.values])
+    feed(
+        [
+            [e.source, e.value, e.target, e.shape, e.dtype, e.status, e.reason, e.rules]
+            for e in plan.sources
+        ]
+    )
+    feed([[s.op, s.args, s.inputs, s.outputs, s.rule] for s in plan.steps])
+    feed(
+        [
+            [o.target, o.value, o.shape, o.dtype, o.sources, o.status, o.reason, o.rules]
+            for o in plan.outputs
+        ]
+    )
+    feed(
+        None
+        if plan.targets is None
+        else [
+            [t.target, t.shape, t.dtype, t.status, t.sources, t.reason, t.tied_to, t.rules]
+            for t in plan.targets
+        ]
+    )
+    feed([[p.code, p.kind, p.severity, p.message, p.keys, p.rules] for p in plan.problems])
+    feed([plan.unused_rules, [[t.target, t.frozen, t.rule] for t in plan.trainable]])
+    return "sha256:" + digest.hexdigest()
+
+
+_DEFAULTS: dict[type, dict[str, Any]] = {}
+
+
+def _fast(cls: type[BaseModel], **data: Any) -> Any:
+    """A model instance from data the planner made itself (already valid): no validation.
+
+    Planning makes several entries per key; validating each would cost more than
+    everything else the planner does.
+    """
+    defaults = _DEFAULTS.get(cls)
+    if defaults is None:
+        defaults = _DEFAULTS[cls] = {
+            name: field.default
+            for name, field in cls.model_fields.items()
+            if not field.is_required()
+        }
+    full = {
+        k: (list(v) if isinstance(v, list) else v) for k, v in defaults.items() if k not in data
+    }
+    full.update(data)
+    obj = cls.__new__(cls)
+    object.__setattr__(obj, "__dict__", full)
+    object.__setattr__(obj, "__pydantic_fields_set__", set(data))
+    object.__setattr__(obj, "__pydantic_extra__", None)
+    object.__setattr__(obj, "__pydantic_private__", None)
+    return obj
 
 
 # --- building it ---------------------------------------------------------------------------
@@ -317,6 +378,48 @@ class _Node:
     value: int
     sources: tuple[str, ...]
     rules: list[int]
+    order: tuple[int, ...] = ()  # where it stands in the output: source index, then piece
+    template: str | None = None  # its name with every digit as '#': its bucket
+
+
+# Keys that differ only in their numbers (layer 0..79, expert 0..255) share a template;
+# a string pattern without digits matches all of a template's keys or none of them, so
+# a rule is tried once per template, not once per key.
+_DIGITS = str.maketrans("0123456789", "##########")
+
+
+def _bucket_test(rule: Rule) -> Any:
+    """A test on templates that rules out buckets no key of which can match, or None.
+
+    Digits in a pattern become '#' too: a key that matches the pattern has a
+    template that matches the pattern so rewritten (each key is still checked).
+    """
+    from .rules import Merge, Prefix, Strip
+
+    node = rule.node
+    if isinstance(node, Prefix):
+        return None
+    if isinstance(node, Strip):
+        text = node.prefix.translate(_DIGITS)
+        return lambda t: t.startswith(text)
+    matchers = rule.matchers if isinstance(node, Merge) else (rule.matcher,)
+    if any(m is None or m.is_regex for m in matchers):
+        return None
+    try:
+        hashed = [Matcher(_hash_literals(m.text)) for m in matchers]
+    except PatternError:
+        return None
+    return lambda t: any(m.match(t) is not None for m in hashed)
+
+
+def _hash_literals(text: str) -> str:
+    """Digits outside `{captures}` as '#'."""
+    out, depth = [], 0
+    for ch in text:
+        depth += ch == "{"
+        out.append(ch.translate(_DIGITS) if depth == 0 else ch)
+        depth -= ch == "}" and depth > 0
+    return "".join(out)
 
 
 class _Builder:
@@ -330,15 +433,54 @@ class _Builder:
         self.used: set[int] = set()
         self.dropped: list[_Node] = []  # skipped by a `skip` rule
         self.source_values: dict[str, int] = {}
-        self.live: list[_Node] = []
-        for key in sorted(source.meta):
+        self.buckets: dict[str, list[_Node]] = defaultdict(list)
+        for index, key in enumerate(sorted(source.meta)):
             meta = source.meta[key]
             value = self._value(meta.shape, meta.dtype)
             self.source_values[key] = value
-            self.live.append(_Node(key, value, (key,), []))
+            self._add(_Node(key, value, (key,), [], (index,)))
+
+    def _add(self, node: _Node) -> None:
+        node.template = node.name.translate(_DIGITS)
+        self.buckets[node.template].append(node)
+
+    def _candidates(self, rule: Rule) -> list[_Node]:
+        test = _bucket_test(rule)
+        out: list[_Node] = []
+        for template, nodes in self.buckets.items():
+            if test is None or test(template):
+                out.extend(nodes)
+        return out
+
+    def _settle(self, changed: list[_Node], gone: list[_Node] = (), new: list[_Node] = ()) -> None:
+        """Move renamed nodes to their templates' buckets; drop gone ones; add new ones."""
+        touched = set()
+        for n in changed:
+            template = n.name.translate(_DIGITS)
+            if template != n.template:
+                touched.add(n.template)
+                n.template = template
+                self.buckets[template].append(n)
+        for n in gone:
+            touched.add(n.template)
+            n.template = None
+        for t in touched:
+            kept = [n for n in self.buckets[t] if n.template == t]
+            if kept:
+                self.buckets[t] = kept
+            else:
+                del self.buckets[t]
+        for n in new:
+            self._add(n)
+
+    @property
+    def live(self) -> list[_Node]:
+        nodes = [n for bucket in self.buckets.values() for n in bucket]
+        nodes.sort(key=attrgetter("order"))
+        return nodes
 
     def _value(self, shape: Any, dtype: str | None) -> int:
-        self.values.append(Value(shape=list(shape), dtype=dtype))
+        self.values.append(_fast(Value, shape=list(shape), dtype=dtype))
         return len(self.values) - 1
 
     def meta(self, value: int) -> Meta:
@@ -401,21 +543,23 @@ class _Builder:
     def _rename(self, rule: Rule) -> None:
         from .compile import SKIP
 
-        keep = []
-        for n in self.live:
+        changed, gone = [], []
+        for n in self._candidates(rule):
             out = rule.step(n.name)
-            if out is not None:
-                self.used.add(rule.id)
-                n.rules.append(rule.id)
-                if out is SKIP:
-                    self.dropped.append(n)
-                    continue
+            if out is None:
+                continue
+            self.used.add(rule.id)
+            n.rules.append(rule.id)
+            if out is SKIP:
+                self.dropped.append(n)
+                gone.append(n)
+            else:
                 n.name = out
-            keep.append(n)
-        self.live = keep
+                changed.append(n)
+        self._settle(changed, gone)
 
     def _transform(self, rule: Rule) -> None:
-        for n in self.live:
+        for n in self._candidates(rule):
             if rule.matcher.match(n.name) is None:  # type: ignore[union-attr]
                 continue
             self.used.add(rule.id)
@@ -429,7 +573,7 @@ class _Builder:
         outer = sorted({name for name, _ in template.refs})  # type: ignore[union-attr]
         groups: dict[tuple, dict[Any, _Node]] = {}
         captures: dict[tuple, dict[str, str]] = {}
-        for n in self.live:
+        for n in sorted(self._candidates(rule), key=lambda n: n.order):
             for k, matcher in enumerate(rule.matchers):
                 m = matcher.match(n.name)
                 if m is None or m.rest:
@@ -500,24 +644,22 @@ class _Builder:
                 continue
             rules = [*list(dict.fromkeys(r for m in members for r in m.rules)), rule.id]
             sources = tuple(dict.fromkeys(s for m in members for s in m.sources))  # merge order
-            merged[id(members[0])] = _Node(name, value, sources, rules)
+            order = min(m.order for m in members)
+            merged[id(members[0])] = _Node(name, value, sources, rules, order)
             gone.update(id(m) for m in members)
-        self.live = [
-            merged.get(id(n), n) for n in self.live if id(n) not in gone or id(n) in merged
-        ]
+        members_gone = [n for group in groups.values() for n in group.values() if id(n) in gone]
+        self._settle([], members_gone, list(merged.values()))
 
     def _split(self, rule: Rule) -> None:
-        out_nodes: list[_Node] = []
-        for n in self.live:
+        gone, new = [], []
+        for n in sorted(self._candidates(rule), key=lambda n: n.order):
             m = rule.matcher.match(n.name)  # type: ignore[union-attr]
             if m is None or m.rest:
-                out_nodes.append(n)
                 continue
             self.used.add(rule.id)
             value = self._chain(rule.ops[:-1], rule, n.value, n.name)
             pieces = None if value is None else self._run(rule.ops[-1], rule, [value], [n.name])
             if pieces is None:
-                out_nodes.append(n)
                 continue
             if rule.gather:
                 names = [
@@ -535,22 +677,43 @@ class _Builder:
                         [rule.id],
                     )
                 )
-                out_nodes.append(n)
                 continue
             else:
                 names = [t.render(m.captures) for t in rule.templates]
             rules = [*n.rules, rule.id]
-            out_nodes += [
-                _Node(nm, v, n.sources, list(rules)) for nm, v in zip(names, pieces, strict=True)
+            gone.append(n)
+            new += [
+                _Node(nm, v, n.sources, list(rules), (*n.order, i))
+                for i, (nm, v) in enumerate(zip(names, pieces, strict=True))
             ]
-        self.live = out_nodes
+        self._settle([], gone, new)
 
 
 def _jsonable(arg: Any) -> Any:
     return [_jsonable(a) for a in arg] if isinstance(arg, (list, tuple)) else arg
 
 
+@contextlib.contextmanager
+def _no_gc():
+    """Planning allocates a few objects per key and frees none of them: with 100k keys the
+    cyclic collector would rescan the growing heap again and again for nothing."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def build_plan(
+    program: Program, source: Described, target: Described | None, policies: dict[str, str]
+) -> Plan:
+    with _no_gc():
+        return _build_plan(program, source, target, policies)
+
+
+def _build_plan(
     program: Program, source: Described, target: Described | None, policies: dict[str, str]
 ) -> Plan:
     builder = _Builder(program, source)
@@ -571,17 +734,18 @@ def build_plan(
                 )
             )
         status, reason, rules = "loaded", None, list(n.rules)
-        init = _first_match(program.inits, n.name)
+        init = _first_match(program.inits, n.name) if program.inits else None
         if init is not None:
             used.add(init.id)
             rules.append(init.id)
             status, reason = "skipped", "init"
         v = builder.values[n.value]
         outputs.append(
-            OutputEntry(
+            _fast(
+                OutputEntry,
                 target=n.name,
                 value=n.value,
-                shape=v.shape,
+                shape=list(v.shape),
                 dtype=v.dtype,
                 sources=list(n.sources),
                 status=status,
@@ -621,7 +785,7 @@ def build_plan(
     else:
         names = sorted(landing)
     trainable = []
-    for name in names:
+    for name in names if program.trainability else ():
         decided = _last_match(program.trainability, name)
         if decided is not None:
             used.add(decided.id)
@@ -675,7 +839,8 @@ def _source_entries(
         )
         status, reason, name, rules = fate
         entries.append(
-            SourceEntry(
+            _fast(
+                SourceEntry,
                 source=key,
                 value=builder.source_values[key],
                 target=name,
