@@ -97,11 +97,10 @@ class Evaluator:
             self.memo.pop(value, None)
 
 
-def apply_plan(plan: Plan, source: Any) -> dict[str, torch.Tensor]:
-    """The mapped state_dict. Renames hand back the source's own tensor objects (no copy)."""
+def _checked_source(plan: Plan, source: Any) -> Mapping[str, torch.Tensor]:
+    """The source's tensors, after checking they are the ones the plan was made for."""
     import torch
 
-    plan.check()
     tensors = _tensors(source)
     expected = {e.source: e for e in plan.sources}
     problems = [
@@ -110,16 +109,17 @@ def apply_plan(plan: Plan, source: Any) -> dict[str, torch.Tensor]:
     problems += [
         f"{k}: in the plan, not in the source" for k in sorted(set(expected) - set(tensors))
     ]
-    for entry in plan.sources:
-        if entry.source not in tensors:
-            continue
-        tensor = tensors[entry.source]
-        if not isinstance(tensor, torch.Tensor):
-            problems.append(f"{entry.source}: a {type(tensor).__name__}, not a tensor")
-        elif list(tensor.shape) != entry.shape:
-            problems.append(
-                f"{entry.source}: shape {list(tensor.shape)}, the plan was made for {entry.shape}"
-            )
+    if isinstance(source, Mapping):  # a checkpoint's shapes are its header's, already planned
+        for entry in plan.sources:
+            tensor = tensors.get(entry.source)
+            if tensor is None:
+                continue
+            if not isinstance(tensor, torch.Tensor):
+                problems.append(f"{entry.source}: a {type(tensor).__name__}, not a tensor")
+            elif list(tensor.shape) != entry.shape:
+                problems.append(
+                    f"{entry.source}: shape {list(tensor.shape)}, the plan was made for {entry.shape}"
+                )
     if problems:
         raise LoadError(
             "the source does not match the plan it is applied with",
@@ -127,6 +127,100 @@ def apply_plan(plan: Plan, source: Any) -> dict[str, torch.Tensor]:
             details=summarize(problems),
             hint="make the plan from this source: program.plan(source, target)",
         )
+    return tensors
+
+
+def _stream_into(
+    model: torch.nn.Module,
+    plan: Plan,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: dict,
+    checkpoint: Checkpoint | None = None,
+) -> None:
+    """Load module by module, the way `load_state_dict` walks the model (each module's own
+    `_load_from_state_dict` and hooks run), reading each tensor only when its module's turn
+    comes: no whole state_dict is ever held."""
+    import torch
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    loaded = {o.target: o.value for o in plan.outputs if o.status == "loaded"}
+    # a renamed tensor of the right dtype is read from the file straight into the model's
+    # own memory: no temporary tensor at all
+    leaves = {e.value: e for e in plan.sources}
+    direct = {}
+    if checkpoint is not None:
+        state = model.state_dict(keep_vars=True)
+        # only into modules that load the plain way: no override, no load hooks
+        plain = {
+            prefix
+            for prefix, m in model.named_modules(remove_duplicate=False)
+            if type(m)._load_from_state_dict is torch.nn.Module._load_from_state_dict
+            and not m._load_state_dict_pre_hooks
+            and not m._load_state_dict_post_hooks
+        }
+        for key, value in loaded.items():
+            if key.rpartition(".")[0] not in plain:
+                continue
+            entry, dst = leaves.get(value), state.get(key)
+            if (
+                entry is not None
+                and dst is not None
+                and dst.device.type == "cpu"
+                and dst.is_contiguous()
+                and str(dst.dtype) == f"torch.{entry.dtype}"
+                and list(dst.shape) == entry.shape
+            ):
+                raw = checkpoint.raw(entry.source)
+                if raw is not None:
+                    direct[key] = raw
+    evaluator = Evaluator(
+        plan, tensors.__getitem__, [v for k, v in loaded.items() if k not in direct]
+    )
+    errors: list[str] = []
+    unexpected: list[str] = []
+    done: set[str] = set()
+
+    def load(module: torch.nn.Module, prefix: str) -> None:
+        own = [
+            *module._parameters,
+            *(b for b in module._buffers if b not in module._non_persistent_buffers_set),
+        ]
+        local = {}
+        for name in own:
+            key = prefix + name
+            if key in loaded and key not in done:
+                if key in direct:  # a plain module: filled in place, nothing left to copy
+                    direct[key].read_into(getattr(module, name).detach())
+                else:
+                    local[key] = evaluator.take(loaded[key])
+                done.add(key)
+        module._load_from_state_dict(
+            local, prefix, metadata.get(prefix[:-1], {}), True, [], unexpected, errors
+        )  # keys filled in place count as missing here: the plan accounts for them
+        del local
+        for name, child in module._modules.items():
+            if child is not None:
+                load(child, f"{prefix}{name}.")
+        for hook in module._load_state_dict_post_hooks.values():
+            hook(module, _IncompatibleKeys([], []))
+
+    with torch.no_grad():
+        load(model, "")
+    left = sorted(set(loaded) - done)
+    if errors or unexpected or left:
+        raise LoadError(
+            "the model refused what the plan sent it",
+            code="CKM404",
+            details=summarize([*errors, *unexpected, *(f"{k}: never reached" for k in left)]),
+        )
+
+
+def apply_plan(plan: Plan, source: Any) -> dict[str, torch.Tensor]:
+    """The mapped state_dict. Renames hand back the source's own tensor objects (no copy)."""
+    import torch
+
+    plan.check()
+    tensors = _checked_source(plan, source)
     loaded = [o for o in plan.outputs if o.status == "loaded"]
     evaluator = Evaluator(plan, tensors.__getitem__, [o.value for o in loaded])
     with torch.no_grad():
@@ -148,7 +242,6 @@ def load_into(
     rule text or rule file Path. When validation fails, `PlanError` is raised
     and the model's tensors and `requires_grad` flags are exactly as before.
     """
-    import torch
 
     from .compile import compile
 
@@ -158,26 +251,23 @@ def load_into(
         source, model, on_mismatch=on_mismatch, on_missing=on_missing, on_unexpected=on_unexpected
     )
     plan.check()
-    mapped = apply_plan(plan, source)
-
-    # Everything is checked before the first tensor is written: shapes (the plan did)
-    # and that every value can be copied into its destination's dtype.
-    state = model.state_dict(keep_vars=True)
-    for name, tensor in mapped.items():
-        dst = state[name]
-        if tensor.is_complex() and not dst.is_complex():
+    # Everything is checked before the first tensor is written: shapes and names (the
+    # plan did), the source against the plan, and that each dtype can be copied over.
+    targets = {t.target: t for t in plan.targets or ()}
+    for o in plan.outputs:
+        dst = targets[o.target].dtype or "" if o.target in targets else ""
+        if o.status == "loaded" and (o.dtype or "").startswith("complex") and "complex" not in dst:
             raise LoadError(
-                f"{name}: cannot load a complex tensor ({tensor.dtype}) into {dst.dtype}",
-                code="CKM403",
+                f"{o.target}: cannot load a complex tensor ({o.dtype}) into {dst}", code="CKM403"
             )
-    with torch.no_grad():
-        result = model.load_state_dict(mapped, strict=False)
-    if result.unexpected_keys:  # the plan promised otherwise: a module rewrote its keys
-        raise LoadError(
-            "the model refused keys the plan sent it",
-            code="CKM404",
-            details=summarize(result.unexpected_keys),
-        )
+    tensors = _checked_source(plan, source)
+    _stream_into(
+        model,
+        plan,
+        tensors,
+        getattr(source, "_metadata", None) or {},
+        source if hasattr(source, "raw") else None,
+    )
 
     decisions = {t.target: t.frozen for t in plan.trainable}
     frozen = []

@@ -133,7 +133,6 @@ def _validate(path: Path, header: dict[str, Any], data_size: int) -> None:
 class SafetensorsCheckpoint(Checkpoint):
     def __init__(self, path: Path):
         super().__init__(path)
-        self._handle = None
         self._cache: dict[str, Any] = {}
 
     @cached_property
@@ -192,21 +191,17 @@ class SafetensorsCheckpoint(Checkpoint):
         return RawBytes(self.path, self.data_start + begin, end - begin)
 
     def get(self, name: str) -> torch.Tensor:
+        """Read one tensor straight into its own memory (no mmap, no second copy)."""
+        import torch
+
         name = self.aliases.get(name, name)
         if name in self._cache:  # tied names hand back one tensor
             return self._cache[name]
-        from safetensors import safe_open
-
-        if name not in self.header or name == "__metadata__":
+        info = self.header.get(name)
+        if info is None or name == "__metadata__":
             raise KeyError(name)
-        if self._handle is None:
-            try:
-                self._handle = safe_open(str(self.path), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(
-                    f"{self.path}: not a valid safetensors file ({e})", code="CKM512"
-                ) from None
-        tensor = self._handle.get_tensor(name)
+        tensor = torch.empty(info["shape"], dtype=getattr(torch, DTYPES[info["dtype"]][0]))
+        self.raw(name).read_into(tensor)
         if self.aliases and name in self.aliases.values():
             self._cache[name] = tensor
         return tensor
@@ -221,6 +216,25 @@ class RawBytes(NamedTuple):
     path: Path
     offset: int
     length: int
+
+    def read_into(self, tensor: torch.Tensor) -> None:
+        """Fill a contiguous CPU tensor of exactly this many bytes from the file."""
+        import torch
+
+        if tensor.numel() == 0:
+            return
+        buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+        if len(buffer) != self.length:
+            raise CheckpointError(
+                f"{self.path}: {self.length} bytes for a {len(buffer)}-byte tensor", code="CKM534"
+            )
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            while buffer:
+                n = f.readinto(buffer)
+                if not n:
+                    raise CheckpointError(f"{self.path}: ended early", code="CKM510")
+                buffer = buffer[n:]
 
     def copy_to(self, dst: int) -> None:
         """Append the bytes to the file `dst` is open on (at its position), in the kernel."""

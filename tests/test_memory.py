@@ -1,0 +1,96 @@
+"""Peak memory bounds that do not depend on timing, each measured in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import torch
+from safetensors.torch import save_file
+
+TENSORS, ROWS, COLS = 24, 1024, 2048  # 24 tensors of 8 MiB: 192 MiB
+MIB = 2**20
+
+CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    import torch
+    from torch import nn
+    import ckptmap
+    from ckptmap.io import open_checkpoint
+
+    def peak():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+    what, path, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    tensors, rows, cols = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+    def build():
+        with torch.device("meta"):
+            model = nn.ModuleDict({f"l{i}": nn.Linear(cols, rows, bias=False) for i in range(tensors)})
+        return model.to_empty(device="cpu")
+
+    if what == "load_into":
+        floor = peak()  # interpreter, torch, ckptmap
+        model = build()  # what the model itself costs once its memory is written
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(1.0)
+        before = floor + (peak() - floor)
+        del model, p
+        model = build()
+        ckptmap.load_into(model, path, 'strip "module."')
+    else:
+        program = ckptmap.compile(open(out + ".ckmap").read())
+        ckpt = open_checkpoint(path)
+        plan = program.plan(ckpt)
+        before = peak()
+        from ckptmap.apply import write_plan
+        write_plan(plan, ckpt, out, metadata={})
+    print(json.dumps({"before": before, "after": peak()}))
+    """
+)
+
+
+def run_child(what, path, out):
+    args = [
+        sys.executable,
+        "-c",
+        CHILD,
+        what,
+        str(path),
+        str(out),
+        str(TENSORS),
+        str(ROWS),
+        str(COLS),
+    ]
+    result = subprocess.run(args, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
+def make_checkpoint(tmp_path):
+    path = tmp_path / "big.safetensors"
+    save_file({f"module.l{i}.weight": torch.randn(ROWS, COLS) for i in range(TENSORS)}, path)
+    return path
+
+
+def test_load_into_holds_no_whole_state_dict(tmp_path):
+    """Peak: the floor, the model itself, about one tensor more; never a second checkpoint."""
+    path = make_checkpoint(tmp_path)
+    m = run_child("load_into", path, tmp_path / "unused")
+    largest = ROWS * COLS * 4
+    # `before` is the floor plus a filled model of the same size (then freed): loading a
+    # second model from the file may add at most two tensors on top of that
+    assert m["after"] - m["before"] <= 2 * largest + 16 * MIB, m
+
+
+def test_file_to_file_streams_one_tensor_at_a_time(tmp_path):
+    path = make_checkpoint(tmp_path)
+    largest = ROWS * COLS * 4
+    for rules in ('strip "module."', 'strip "module."\ntransform "**" | transpose(0, 1)'):
+        out = tmp_path / "out.safetensors"
+        (tmp_path / "out.safetensors.ckmap").write_text(rules)
+        m = run_child("write", path, out)
+        assert m["after"] - m["before"] <= 2 * largest + 32 * MIB, (rules, m)
+        out.unlink()
