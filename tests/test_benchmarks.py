@@ -1,0 +1,38 @@
+"""The benchmark harness runs end to end at a tiny size (its numbers are not checked here:
+timings belong in the benchmark, never in tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+
+def test_harness_runs_and_reports_every_target(tmp_path):
+    out = tmp_path / "results.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--size-mb",
+            "4",
+            "--keys",
+            "300",
+            "--repeat",
+            "1",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    data = json.loads(out.read_text())
+    assert len(data["checks"]) == 13
+    assert data["planning"]["keys"] == 300 and data["planning"]["ok"]
+    assert {"cp", "ckptmap apply (rename, st -> st)"} <= set(data["results"])
