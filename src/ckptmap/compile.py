@@ -122,7 +122,7 @@ class Program:
         `source` and `target` may be a state_dict, a `{name: shape}` mapping, an
         `nn.Module` or a checkpoint path. Per-call policies override the rules'.
         """
-        from .plan import build_plan, describe
+        from .plan import _no_gc, build_plan, describe
 
         policies = dict(self.policies)
         for problem, action in (
@@ -133,8 +133,9 @@ class Program:
             if action is not None:
                 Policy(problem, action)  # validates the word
                 policies[problem] = action
-        target_desc = describe(target, role="target") if target is not None else None
-        return build_plan(self, describe(source, role="source"), target_desc, policies)
+        with _no_gc():  # headers and plans: many small objects, none of them garbage
+            target_desc = describe(target, role="target") if target is not None else None
+            return build_plan(self, describe(source, role="source"), target_desc, policies)
 
     def __repr__(self) -> str:
         return f"<Program {len(self.rules)} rules {self.fingerprint[:19]}>"
