@@ -212,27 +212,35 @@ def _causal(q, k, v, heads):
     return out.transpose(1, 2).reshape(b, t, d)
 
 
+def _gpt2_skeleton(model, vocab, d, layers, positions, heads, make_block):
+    """Embeddings, blocks with ln_1/ln_2 (attention and MLP from make_block), ln_f, tied head."""
+    model.heads = heads
+    model.transformer = nn.Module()
+    model.transformer.wte = nn.Embedding(vocab, d)
+    model.transformer.wpe = nn.Embedding(positions, d)
+    model.transformer.h = nn.ModuleList()
+    for _ in range(layers):
+        block = nn.Module()
+        block.ln_1, block.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        block.attn, block.mlp = nn.Module(), nn.Module()
+        make_block(block, d)
+        model.transformer.h.append(block)
+    model.transformer.ln_f = nn.LayerNorm(d)
+    model.lm_head = nn.Linear(d, vocab, bias=False)
+    model.lm_head.weight = model.transformer.wte.weight
+
+
 class HFGPT2(nn.Module):
     """Hugging Face GPT2LMHeadModel layout: Conv1D c_attn (q, k, v fused), c_proj, c_fc."""
 
     def __init__(self, vocab=50, d=16, layers=2, heads=4, positions=32):
         super().__init__()
-        self.heads = heads
-        self.transformer = nn.Module()
-        self.transformer.wte = nn.Embedding(vocab, d)
-        self.transformer.wpe = nn.Embedding(positions, d)
-        self.transformer.h = nn.ModuleList()
-        for _ in range(layers):
-            block = nn.Module()
-            block.ln_1, block.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-            block.attn = nn.Module()
-            block.attn.c_attn, block.attn.c_proj = Conv1D(3 * d, d), Conv1D(d, d)
-            block.mlp = nn.Module()
-            block.mlp.c_fc, block.mlp.c_proj = Conv1D(4 * d, d), Conv1D(d, 4 * d)
-            self.transformer.h.append(block)
-        self.transformer.ln_f = nn.LayerNorm(d)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
+
+        def block(b, d):
+            b.attn.c_attn, b.attn.c_proj = Conv1D(3 * d, d), Conv1D(d, d)
+            b.mlp.c_fc, b.mlp.c_proj = Conv1D(4 * d, d), Conv1D(d, 4 * d)
+
+        _gpt2_skeleton(self, vocab, d, layers, positions, heads, block)
 
     def forward(self, ids):
         def attn(block, h):
@@ -250,23 +258,13 @@ class LinearGPT2(nn.Module):
 
     def __init__(self, vocab=50, d=16, layers=2, heads=4, positions=32):
         super().__init__()
-        self.heads = heads
-        self.transformer = nn.Module()
-        self.transformer.wte = nn.Embedding(vocab, d)
-        self.transformer.wpe = nn.Embedding(positions, d)
-        self.transformer.h = nn.ModuleList()
-        for _ in range(layers):
-            block = nn.Module()
-            block.ln_1, block.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-            block.attn = nn.Module()
-            block.attn.q, block.attn.k, block.attn.v = (nn.Linear(d, d) for _ in range(3))
-            block.attn.c_proj = nn.Linear(d, d)
-            block.mlp = nn.Module()
-            block.mlp.c_fc, block.mlp.c_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-            self.transformer.h.append(block)
-        self.transformer.ln_f = nn.LayerNorm(d)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
+
+        def block(b, d):
+            b.attn.q, b.attn.k, b.attn.v = (nn.Linear(d, d) for _ in range(3))
+            b.attn.c_proj = nn.Linear(d, d)
+            b.mlp.c_fc, b.mlp.c_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+        _gpt2_skeleton(self, vocab, d, layers, positions, heads, block)
 
     def forward(self, ids):
         def attn(block, h):

@@ -18,7 +18,7 @@ when they say the same thing.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -417,23 +417,7 @@ AnyStatement = (
     | Policy
     | Include
 )
-STATEMENTS: dict[str, type[Statement]] = {
-    cls.keyword: cls
-    for cls in (
-        Strip,
-        Prefix,
-        Rename,
-        Skip,
-        Transform,
-        Merge,
-        Split,
-        Init,
-        Freeze,
-        Unfreeze,
-        Policy,
-        Include,
-    )
-}
+STATEMENTS: dict[str, type[Statement]] = {cls.keyword: cls for cls in get_args(AnyStatement)}
 
 
 class Ruleset(Node):
