@@ -71,6 +71,21 @@ class Matcher:
         rest = groups.pop("_rest") or ""
         return Match({k[2:]: v for k, v in groups.items()}, rest)
 
+    def spans(self, key: str) -> tuple[dict[str, tuple[int, int]], tuple[int, int] | None] | None:
+        """Where each capture and the rest lie in `key` (string patterns), or None: no match."""
+        if self.is_regex or not key.startswith(self.literal):
+            return None
+        m = self._regex.fullmatch("." + key)
+        if m is None:
+            return None
+        captures = {
+            name[2:]: (m.start(name) - 1, m.end(name) - 1)
+            for name in self._regex.groupindex
+            if name != "_rest"
+        }
+        rest = None if m.start("_rest") < 0 else (m.start("_rest") - 1, m.end("_rest") - 1)
+        return captures, rest
+
     def __repr__(self) -> str:
         return f"Matcher({self.text!r}, regex={self.is_regex})"
 

@@ -412,6 +412,54 @@ def _bucket_test(rule: Rule) -> Any:
     return lambda t: any(m.match(t) is not None for m in hashed)
 
 
+def _has_digits(text: str) -> bool:
+    return text.translate(_DIGITS) != text or "#" in text
+
+
+def _whole_buckets(rule: Rule) -> bool:
+    """Whether a strip/prefix/rename/skip decides whole buckets exactly."""
+    from .rules import Prefix, Strip
+
+    node = rule.node
+    if isinstance(node, Prefix):
+        return True
+    if isinstance(node, Strip):
+        return not _has_digits(node.prefix)
+    return (
+        rule.matcher is not None
+        and not rule.matcher.is_regex
+        and not _has_digits(rule.matcher.text)
+    )
+
+
+def _recipe(rule: Rule, template: str) -> Any:
+    """How a bucket's keys change under a rule: parts (text, or (start, end) of the key), SKIP,
+    or None when the rule does not match the bucket."""
+    from .compile import SKIP
+    from .rules import Prefix, Skip, Strip
+
+    node = rule.node
+    if isinstance(node, Prefix):
+        return [node.prefix, (0, None)]
+    if isinstance(node, Strip):
+        return [(len(node.prefix), None)] if template.startswith(node.prefix) else None
+    found = rule.matcher.spans(template)  # type: ignore[union-attr]
+    if found is None:
+        return None
+    if isinstance(node, Skip):
+        return SKIP
+    captures, rest = found
+    parts: list = [p if isinstance(p, str) else captures[p[0]] for p in rule.template.parts]
+    if rest is not None:
+        empty = not any(parts)  # a rename to "" drops the matched segments and their dot
+        parts.append((rest[0] + 1, rest[1]) if empty else rest)
+    return parts
+
+
+def _cook(parts: list, key: str) -> str:
+    return "".join(p if isinstance(p, str) else key[p[0] : p[1]] for p in parts)
+
+
 def _hash_literals(text: str) -> str:
     """Digits outside `{captures}` as '#'."""
     out, depth = [], 0
@@ -541,6 +589,9 @@ class _Builder:
         return self.live
 
     def _rename(self, rule: Rule) -> None:
+        if _whole_buckets(rule):
+            self._rename_buckets(rule)
+            return
         from .compile import SKIP
 
         changed, gone = [], []
@@ -557,6 +608,35 @@ class _Builder:
                 n.name = out
                 changed.append(n)
         self._settle(changed, gone)
+
+    def _rename_buckets(self, rule: Rule) -> None:
+        """A rule whose pattern has no digits treats a bucket as one key: it matches all of
+        it or none, at the same places, so one match gives every key's new name by slicing."""
+        from .compile import SKIP
+
+        moves = []
+        for template, nodes in list(self.buckets.items()):
+            recipe = _recipe(rule, template)
+            if recipe is None:
+                continue
+            self.used.add(rule.id)
+            for n in nodes:
+                n.rules.append(rule.id)
+            if recipe is SKIP:
+                self.dropped.extend(nodes)
+                moves.append((template, None, nodes))
+                continue
+            for n in nodes:
+                n.name = _cook(recipe, n.name)
+            moves.append((template, _cook(recipe, template).translate(_DIGITS), nodes))
+        for template, _, _ in moves:
+            del self.buckets[template]
+        for _, new, nodes in moves:
+            if new is None:
+                continue
+            for n in nodes:
+                n.template = new
+            self.buckets[new].extend(nodes)
 
     def _transform(self, rule: Rule) -> None:
         for n in self._candidates(rule):
