@@ -50,11 +50,18 @@ class Evaluator:
     as its last consumer has it, so memory stays near the largest group.
     """
 
-    def __init__(self, plan: Plan, fetch: Callable[[str], torch.Tensor], wanted: list[int]):
+    def __init__(
+        self,
+        plan: Plan,
+        fetch: Callable[[str], torch.Tensor],
+        wanted: list[int],
+        done: Callable[[str], None] | None = None,
+    ):
         from collections import Counter
 
         self.plan = plan
         self.fetch = fetch
+        self.done = done  # told when a source tensor is no longer needed
         self.producer = {v: step for step in plan.steps for v in step.outputs}
         self.leaf = {e.value: e.source for e in plan.sources}
         self.uses: Counter[int] = Counter(wanted)
@@ -71,10 +78,18 @@ class Evaluator:
         self.memo: dict[int, torch.Tensor] = {}
 
     def take(self, value: int) -> torch.Tensor:
-        """The tensor of `value`, for its consumer; released here when nothing else needs it."""
+        """The tensor of `value`, for a consumer that uses it before its next `take` (a
+        writer, a loader): what the previous take handed out is released now."""
+        self.finish()
         tensor = self._compute(value)
-        self._release(value)
+        self._pending = value
         return tensor
+
+    def finish(self) -> None:
+        """The consumer is done with what it took last."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is not None:
+            self._release(pending)
 
     def _compute(self, value: int) -> torch.Tensor:
         if value in self.memo:
@@ -85,16 +100,19 @@ class Evaluator:
         from .ops import make
 
         step = self.producer[value]
-        inputs = [self.take(v) for v in step.inputs]
+        inputs = [self._compute(v) for v in step.inputs]
         outputs = make(step.op, step.args).run(inputs)
         del inputs
         self.memo.update(zip(step.outputs, outputs, strict=True))
+        for v in step.inputs:  # after the op has read them
+            self._release(v)
         return self.memo[value]
 
     def _release(self, value: int) -> None:
         self.uses[value] -= 1
-        if self.uses[value] <= 0:
-            self.memo.pop(value, None)
+        released = self.uses[value] <= 0 and self.memo.pop(value, None) is not None
+        if released and self.done and value in self.leaf:
+            self.done(self.leaf[value])
 
 
 def _checked_source(plan: Plan, source: Any) -> Mapping[str, torch.Tensor]:
@@ -350,7 +368,7 @@ def write_plan(
                 raw[o.target] = checkpoint.raw(by_value[o.value])
         raw = {k: v for k, v in raw.items() if v is not None}
     computed = [o.value for o in loaded if o.target not in aliases and o.target not in raw]
-    evaluator = Evaluator(plan, checkpoint.get, computed)
+    evaluator = Evaluator(plan, checkpoint.get, computed, checkpoint.done)
     items = [
         (o.target, TensorMeta(tuple(o.shape), o.dtype or meta[o.sources[0]].dtype)) for o in loaded
     ]

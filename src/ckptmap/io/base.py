@@ -35,6 +35,9 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def done(self, name: str) -> None:
+        """The caller no longer needs this tensor (a reader may free what it holds)."""
+
     def raw(self, name: str) -> RawBytes | None:
         """Where a tensor's bytes lie, when they can be copied as they are (safetensors)."""
         return None

@@ -7,7 +7,11 @@ unwrapped when one candidate is clear; otherwise `select` names it.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import mmap
 import pickle
+import sys
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,11 +29,13 @@ class TorchCheckpoint(Checkpoint):
     def __init__(self, path: Path, select: str | None = None):
         super().__init__(path)
         self.select = select
+        self.mapped = False
 
     @cached_property
     def state(self) -> dict[str, torch.Tensor]:
         try:
             obj = self._load(mmap=True)
+            self.mapped = True
         except CheckpointError as e:
             if "mmap" not in e.message:
                 raise
@@ -65,6 +71,36 @@ class TorchCheckpoint(Checkpoint):
 
     def get(self, name: str) -> torch.Tensor:
         return self.state[name]
+
+    def done(self, name: str) -> None:
+        """The file's pages under this tensor leave the process (they stay in the page cache
+        and come back from the file if read again): a streamed checkpoint does not pile up."""
+        if self.mapped:
+            storage = self.state[name].untyped_storage()
+            _drop_file_pages(storage.data_ptr(), storage.nbytes())
+
+
+def _drop_file_pages(address: int, length: int) -> None:
+    """madvise(MADV_DONTNEED) on a clean, file-backed, private mapping: safe to drop, the
+    file still has the bytes. Never called on anonymous memory, where it would zero it."""
+    libc = _libc()
+    if libc is None or length <= 0:
+        return
+    page = mmap.PAGESIZE
+    start = address - address % page
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(address + length - start), 4)
+
+
+@functools.cache
+def _libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def _has_tensors(obj: Any) -> bool:
