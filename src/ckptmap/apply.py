@@ -76,6 +76,17 @@ class Evaluator:
             self.uses.update(step.inputs)
             stack.extend(step.inputs)
         self.memo: dict[int, torch.Tensor] = {}
+        # a source is done when every output made from it has been consumed: an output may
+        # be a view of it (transpose, a split piece) that is read only by its consumer
+        self.sources_of = {w: self._leaves(w) for w in set(wanted)}
+        self.outputs_left: Counter[str] = Counter(
+            name for w in wanted for name in self.sources_of[w]
+        )
+
+    def _leaves(self, value: int) -> set[str]:
+        if value in self.leaf:
+            return {self.leaf[value]}
+        return set().union(*(self._leaves(v) for v in self.producer[value].inputs))
 
     def take(self, value: int) -> torch.Tensor:
         """The tensor of `value`, for a consumer that uses it before its next `take` (a
@@ -88,8 +99,13 @@ class Evaluator:
     def finish(self) -> None:
         """The consumer is done with what it took last."""
         pending, self._pending = getattr(self, "_pending", None), None
-        if pending is not None:
-            self._release(pending)
+        if pending is None:
+            return
+        self._release(pending)
+        for name in self.sources_of[pending]:
+            self.outputs_left[name] -= 1
+            if self.outputs_left[name] == 0 and self.done is not None:
+                self.done(name)
 
     def _compute(self, value: int) -> torch.Tensor:
         if value in self.memo:
@@ -110,9 +126,8 @@ class Evaluator:
 
     def _release(self, value: int) -> None:
         self.uses[value] -= 1
-        released = self.uses[value] <= 0 and self.memo.pop(value, None) is not None
-        if released and self.done and value in self.leaf:
-            self.done(self.leaf[value])
+        if self.uses[value] <= 0:
+            self.memo.pop(value, None)
 
 
 def _checked_source(plan: Plan, source: Any) -> Mapping[str, torch.Tensor]:
