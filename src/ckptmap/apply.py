@@ -76,6 +76,7 @@ class Evaluator:
             self.uses.update(step.inputs)
             stack.extend(step.inputs)
         self.memo: dict[int, torch.Tensor] = {}
+        self._pending: int | None = None  # what the consumer took last
         # a source is done when every output made from it has been consumed: an output may
         # be a view of it (transpose, a split piece) that is read only by its consumer
         self.sources_of = {w: self._leaves(w) for w in set(wanted)}
@@ -98,7 +99,7 @@ class Evaluator:
 
     def finish(self) -> None:
         """The consumer is done with what it took last."""
-        pending, self._pending = getattr(self, "_pending", None), None
+        pending, self._pending = self._pending, None
         if pending is None:
             return
         self._release(pending)

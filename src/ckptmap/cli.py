@@ -8,6 +8,7 @@ traceback (`--debug` shows it).
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -174,18 +175,6 @@ def inspect(
 
 
 _DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
-_DTYPE_BYTES = {
-    "float64": 8,
-    "int64": 8,
-    "uint64": 8,
-    "float32": 4,
-    "int32": 4,
-    "uint32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "int16": 2,
-    "uint16": 2,
-}
 
 
 def print_inspect(console: Console, ckpt: Checkpoint) -> None:
@@ -212,11 +201,17 @@ def print_inspect(console: Console, ckpt: Checkpoint) -> None:
             f"×{count}" if count > 1 else "",  # noqa: RUF001
         )
     console.print(table)
-    numel = sum(_numel(m.shape) for m in meta.values())
-    size = sum(_numel(m.shape) * _DTYPE_BYTES.get(m.dtype or "", 1) for m in meta.values())
+    numel = sum(math.prod(m.shape) for m in meta.values())
+    size = sum(_nbytes(m.shape, m.dtype) for m in meta.values())
     console.print(f"{len(meta)} tensors, {numel:,} values, {_human(size)}")
     for note in ckpt.notes:
         console.print(f"note: {note}", markup=False)
+
+
+def _nbytes(shape, dtype: str | None) -> int:
+    from .io.safetensors import CODES, DTYPES
+
+    return math.prod(shape) * (DTYPES[CODES[dtype]][1] if dtype in CODES else 1)
 
 
 def _first_match_of(pattern: str, key: str) -> bool:
@@ -224,13 +219,6 @@ def _first_match_of(pattern: str, key: str) -> bool:
 
     regex = re.sub(r"\\\{[^}]*\\\}", r"\\d+", re.escape(pattern))
     return re.fullmatch(regex, key) is not None
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _human(size: float) -> str:
@@ -442,11 +430,7 @@ def apply(
             the_plan = program.plan(ckpt.describe(), _target(target)).check()
         for note in ckpt.notes:  # known once the checkpoint has been opened
             console.print(f"note: {note}", markup=False)
-        total = sum(
-            _numel(tuple(o.shape)) * _DTYPE_BYTES.get(o.dtype or "", 1)
-            for o in the_plan.outputs
-            if o.status == "loaded"
-        )
+        total = sum(_nbytes(o.shape, o.dtype) for o in the_plan.outputs if o.status == "loaded")
         columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err(), disable=not err().is_terminal) as progress:
             task = progress.add_task("writing", total=total)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def invert(plan: Plan, allow_lossy: bool = False) -> Plan:
-    from .plan import OutputEntry, Plan, SourceEntry, Step, _problem, fingerprint_of
+    from .plan import OutputEntry, Plan, SourceEntry, Step, _jsonable, _problem, fingerprint_of
 
     plan.check()
     loaded = [o for o in plan.outputs if o.status == "loaded"]
@@ -139,7 +139,3 @@ def invert(plan: Plan, allow_lossy: bool = False) -> Plan:
     )
     inverse.fingerprint = fingerprint_of(inverse)
     return inverse
-
-
-def _jsonable(arg):
-    return [_jsonable(a) for a in arg] if isinstance(arg, (list, tuple)) else arg
