@@ -134,24 +134,32 @@ class RuleInfo(BaseModel):
         return f"{self.text} ({self.span})" if self.span else self.text
 
 
-class Value(BaseModel):
+# The per-key records are slotted dataclasses, not pydantic models: a plan of a 100k-key
+# checkpoint makes hundreds of thousands of them, and a model instance costs several times
+# more to make. Pydantic still validates them inside `Plan` (JSON in, JSON Schema out).
+
+
+@dataclass(slots=True, kw_only=True)
+class Value:
     """A tensor the plan knows by shape and dtype: a source, an intermediate, or an output."""
 
     shape: list[int]
     dtype: str | None = None
 
 
-class Step(BaseModel):
+@dataclass(slots=True, kw_only=True)
+class Step:
     """One op of the plan: `outputs = op(*inputs)`, by value number; `rule` wrote it."""
 
     op: str
-    args: list[Any] = []
+    args: list[Any] = field(default_factory=list)
     inputs: list[int]
     outputs: list[int]
     rule: int
 
 
-class SourceEntry(BaseModel):
+@dataclass(slots=True, kw_only=True)
+class SourceEntry:
     """What one source tensor becomes."""
 
     source: str
@@ -161,10 +169,11 @@ class SourceEntry(BaseModel):
     dtype: str | None = None
     status: Literal["loaded", "skipped", "unexpected"]
     reason: Literal["skip", "init", "mismatch"] | None = None
-    rules: list[int] = []  # the rules that matched this key, in order
+    rules: list[int] = field(default_factory=list)  # the rules that matched this key, in order
 
 
-class OutputEntry(BaseModel):
+@dataclass(slots=True, kw_only=True)
+class OutputEntry:
     """One tensor the plan produces: its name, its value, the sources it is made of."""
 
     target: str
@@ -174,20 +183,21 @@ class OutputEntry(BaseModel):
     sources: list[str]
     status: Literal["loaded", "skipped", "unexpected"]
     reason: Literal["init", "mismatch"] | None = None
-    rules: list[int] = []
+    rules: list[int] = field(default_factory=list)
 
 
-class TargetEntry(BaseModel):
+@dataclass(slots=True, kw_only=True)
+class TargetEntry:
     """Where one target key comes from."""
 
     target: str
     shape: list[int]
     dtype: str | None = None
     status: Literal["loaded", "initialized", "missing"]
-    sources: list[str] = []
+    sources: list[str] = field(default_factory=list)
     reason: Literal["tied", "init", "mismatch"] | None = None
     tied_to: str | None = None
-    rules: list[int] = []
+    rules: list[int] = field(default_factory=list)
 
 
 class Problem(BaseModel):
@@ -339,38 +349,10 @@ def fingerprint_of(plan: Plan) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-_DEFAULTS: dict[type, dict[str, Any]] = {}
-
-
-def _fast(cls: type[BaseModel], **data: Any) -> Any:
-    """A model instance from data the planner made itself (already valid): no validation.
-
-    Planning makes several entries per key; validating each would cost more than
-    everything else the planner does.
-    """
-    defaults = _DEFAULTS.get(cls)
-    if defaults is None:
-        defaults = _DEFAULTS[cls] = {
-            name: field.default
-            for name, field in cls.model_fields.items()
-            if not field.is_required()
-        }
-    full = {
-        k: (list(v) if isinstance(v, list) else v) for k, v in defaults.items() if k not in data
-    }
-    full.update(data)
-    obj = cls.__new__(cls)
-    object.__setattr__(obj, "__dict__", full)
-    object.__setattr__(obj, "__pydantic_fields_set__", set(data))
-    object.__setattr__(obj, "__pydantic_extra__", None)
-    object.__setattr__(obj, "__pydantic_private__", None)
-    return obj
-
-
 # --- building it ---------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class _Node:
     """A tensor alive in the pipeline: its current name, value, the sources it is made of."""
 
@@ -386,6 +368,17 @@ class _Node:
 # a string pattern without digits matches all of a template's keys or none of them, so
 # a rule is tried once per template, not once per key.
 _DIGITS = str.maketrans("0123456789", "##########")
+_DIGIT_BYTES = bytes.maketrans(b"0123456789", b"##########")
+
+
+def _template(name: str) -> str:
+    """`name` with every ASCII digit as '#' (bytes.translate is several times faster than
+    str.translate, and UTF-8 never uses the digits' bytes inside other characters)."""
+    return (
+        name.encode("utf-8", "surrogatepass")
+        .translate(_DIGIT_BYTES)
+        .decode("utf-8", "surrogatepass")
+    )
 
 
 def _bucket_test(rule: Rule) -> Any:
@@ -456,8 +449,12 @@ def _recipe(rule: Rule, template: str) -> Any:
     return parts
 
 
-def _cook(parts: list, key: str) -> str:
-    return "".join(p if isinstance(p, str) else key[p[0] : p[1]] for p in parts)
+def _cook(parts: list, keys: list[str]) -> list[str]:
+    """The keys rewritten by a recipe, part by part over all of them (one join per key)."""
+    columns = [
+        [p] * len(keys) if isinstance(p, str) else [k[p[0] : p[1]] for k in keys] for p in parts
+    ]
+    return list(map("".join, zip(*columns, strict=True))) if columns else [""] * len(keys)
 
 
 def _hash_literals(text: str) -> str:
@@ -482,14 +479,16 @@ class _Builder:
         self.dropped: list[_Node] = []  # skipped by a `skip` rule
         self.source_values: dict[str, int] = {}
         self.buckets: dict[str, list[_Node]] = defaultdict(list)
-        for index, key in enumerate(sorted(source.meta)):
-            meta = source.meta[key]
-            value = self._value(meta.shape, meta.dtype)
-            self.source_values[key] = value
-            self._add(_Node(key, value, (key,), [], (index,)))
+        values, buckets, meta = self.values, self.buckets, source.meta
+        for index, key in enumerate(sorted(meta)):  # the loop every key goes through: inlined
+            shape, dtype = meta[key]
+            self.source_values[key] = value = len(values)
+            values.append(Value(shape=list(shape), dtype=dtype))
+            template = _template(key)
+            buckets[template].append(_Node(key, value, (key,), [], (index,), template))
 
     def _add(self, node: _Node) -> None:
-        node.template = node.name.translate(_DIGITS)
+        node.template = _template(node.name)
         self.buckets[node.template].append(node)
 
     def _candidates(self, rule: Rule) -> list[_Node]:
@@ -504,7 +503,7 @@ class _Builder:
         """Move renamed nodes to their templates' buckets; drop gone ones; add new ones."""
         touched = set()
         for n in changed:
-            template = n.name.translate(_DIGITS)
+            template = _template(n.name)
             if template != n.template:
                 touched.add(n.template)
                 n.template = template
@@ -528,7 +527,7 @@ class _Builder:
         return nodes
 
     def _value(self, shape: Any, dtype: str | None) -> int:
-        self.values.append(_fast(Value, shape=list(shape), dtype=dtype))
+        self.values.append(Value(shape=list(shape), dtype=dtype))
         return len(self.values) - 1
 
     def meta(self, value: int) -> Meta:
@@ -626,9 +625,9 @@ class _Builder:
                 self.dropped.extend(nodes)
                 moves.append((template, None, nodes))
                 continue
-            for n in nodes:
-                n.name = _cook(recipe, n.name)
-            moves.append((template, _cook(recipe, template).translate(_DIGITS), nodes))
+            for n, name in zip(nodes, _cook(recipe, [n.name for n in nodes]), strict=True):
+                n.name = name
+            moves.append((template, _template(_cook(recipe, [template])[0]), nodes))
         for template, _, _ in moves:
             del self.buckets[template]
         for _, new, nodes in moves:
@@ -776,13 +775,22 @@ def _jsonable(arg: Any) -> Any:
 @contextlib.contextmanager
 def _no_gc():
     """Planning allocates a few objects per key and frees none of them: with 100k keys the
-    cyclic collector would rescan the growing heap again and again for nothing."""
+    cyclic collector would rescan the growing heap again and again for nothing.
+
+    On the way out everything made meanwhile is moved to the oldest generation (freeze,
+    then unfreeze: two list splices) rather than left young, where the first collection
+    after re-enabling would walk all of it at once. Skipped when the caller has frozen
+    objects of its own: unfreezing would release them.
+    """
     was = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if was:
+            if gc.get_freeze_count() == 0:
+                gc.freeze()
+                gc.unfreeze()
             gc.enable()
 
 
@@ -802,8 +810,10 @@ def _build_plan(
 
     # outputs: what the pipeline produced, then `init` on final names
     outputs: list[OutputEntry] = []
+    inits = program.inits
     for n in live:
-        if not n.name or "" in n.name.split("."):
+        name = n.name
+        if not name or name[0] == "." or name[-1] == "." or ".." in name:
             problems.append(
                 _problem(
                     "CKM305",
@@ -814,16 +824,15 @@ def _build_plan(
                 )
             )
         status, reason, rules = "loaded", None, list(n.rules)
-        init = _first_match(program.inits, n.name) if program.inits else None
+        init = _first_match(inits, name) if inits else None
         if init is not None:
             used.add(init.id)
             rules.append(init.id)
             status, reason = "skipped", "init"
         v = builder.values[n.value]
         outputs.append(
-            _fast(
-                OutputEntry,
-                target=n.name,
+            OutputEntry(
+                target=name,
                 value=n.value,
                 shape=list(v.shape),
                 dtype=v.dtype,
@@ -839,20 +848,20 @@ def _build_plan(
     for o in outputs:
         if o.status == "loaded":
             landing[o.target].append(o)
-    for name, group in sorted(landing.items()):
-        if len(group) > 1:
-            via = "; ".join(
-                f"{', '.join(o.sources)} via {_rules_text(program, o.rules)}" for o in group
+    for name in sorted(name for name, group in landing.items() if len(group) > 1):
+        group = landing[name]
+        via = "; ".join(
+            f"{', '.join(o.sources)} via {_rules_text(program, o.rules)}" for o in group
+        )
+        problems.append(
+            _problem(
+                "CKM301",
+                "conflict",
+                f"{len(group)} sources map to {name!r}: {via}",
+                [s for o in group for s in o.sources],
+                sorted({r for o in group for r in o.rules}),
             )
-            problems.append(
-                _problem(
-                    "CKM301",
-                    "conflict",
-                    f"{len(group)} sources map to {name!r}: {via}",
-                    [s for o in group for s in o.sources],
-                    sorted({r for o in group for r in o.rules}),
-                )
-            )
+        )
 
     targets = None
     if target is not None:
@@ -860,12 +869,14 @@ def _build_plan(
 
     sources = _source_entries(builder, outputs, source)
 
-    if target is not None:
+    trainable = []
+    if not program.trainability:
+        names = []
+    elif target is not None:
         names = sorted(target.parameters if target.parameters is not None else target.meta)
     else:
         names = sorted(landing)
-    trainable = []
-    for name in names if program.trainability else ():
+    for name in names:
         decided = _last_match(program.trainability, name)
         if decided is not None:
             used.add(decided.id)
@@ -900,29 +911,37 @@ def _build_plan(
 def _source_entries(
     builder: _Builder, outputs: list[OutputEntry], source: Described
 ) -> list[SourceEntry]:
-    """Each source's fate, from the tensors it ended in: loaded wins, then unexpected."""
-    fates: dict[str, list[tuple[str, str | None, str, list[int]]]] = defaultdict(list)
+    """Each source's fate, from the tensors it ended in: loaded wins, then unexpected, then
+    the first."""
+    rank = {"loaded": 0, "unexpected": 1}
+    fates: dict[str, tuple[int, str, str | None, str, list[int]]] = {}
+
+    def offer(key: str, status: str, reason: str | None, name: str, rules: list[int]) -> None:
+        r = rank.get(status, 2)
+        held = fates.get(key)
+        if held is None or r < held[0]:
+            fates[key] = (r, status, reason, name, rules)
+
     for n in builder.dropped:
         for s in n.sources:
-            fates[s].append(("skipped", "skip", n.name, n.rules))
+            offer(s, "skipped", "skip", n.name, n.rules)
     for o in outputs:
-        for s in o.sources:
-            fates[s].append((o.status, o.reason, o.target, o.rules))
+        if len(o.sources) == 1 and o.status == "loaded":  # most keys: one source, loaded
+            held = fates.get(key := o.sources[0])
+            if held is None or held[0]:
+                fates[key] = (0, "loaded", None, o.target, o.rules)
+        else:
+            for s in o.sources:
+                offer(s, o.status, o.reason, o.target, o.rules)
     entries = []
+    values = builder.source_values
     for key in sorted(source.meta):
         meta = source.meta[key]
-        options = fates[key]
-        fate = (
-            next((f for f in options if f[0] == "loaded"), None)
-            or next((f for f in options if f[0] == "unexpected"), None)
-            or options[0]
-        )
-        status, reason, name, rules = fate
+        _, status, reason, name, rules = fates[key]
         entries.append(
-            _fast(
-                SourceEntry,
+            SourceEntry(
                 source=key,
-                value=builder.source_values[key],
+                value=values[key],
                 target=name,
                 shape=list(meta.shape),
                 dtype=meta.dtype,
