@@ -179,7 +179,7 @@ def test_exit_status_of_a_real_process(tmp_path):
     bad = tmp_path / "bad.ckmap"
     bad.write_text("renam 'x'\n")
     result = subprocess.run(
-        [sys.executable, "-m", "ckptmap.cli", "check", str(bad)], capture_output=True, text=True
+        [sys.executable, "-m", "ckptmap", "check", str(bad)], capture_output=True, text=True
     )
     assert result.returncode == 2
     assert "error[CKM104]: unknown statement 'renam'" in result.stderr

@@ -7,6 +7,7 @@ the size its shape and dtype need, no two ranges overlapping).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -47,6 +48,7 @@ DTYPES: dict[str, tuple[str, int]] = {
 CODES = {name: code for code, (name, _) in DTYPES.items()}
 ALIASES_KEY = "ckptmap.aliases"  # {name: stored name} for tensors stored once (tied)
 MAX_HEADER = 100 * 1024 * 1024
+CHUNK = 64 << 20  # bytes copied between progress updates and writeback starts
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -277,28 +279,33 @@ class RawBytes(NamedTuple):
         finally:
             mapped.close()
 
-    def copy_to(self, dst: int) -> None:
-        """Append the bytes to the file `dst` is open on (at its position), in the kernel."""
+    def copy_to(self, dst: int, on_chunk: Callable[[int], None] | None = None) -> None:
+        """Append the bytes to the file `dst` is open on (at its position), in the kernel,
+        in pieces of at most 64 MiB; `on_chunk(n)` after each piece."""
         with open(self.path, "rb", buffering=0) as src:
             fd, offset, left = src.fileno(), self.offset, self.length
             copy = getattr(os, "copy_file_range", None)
             while left and copy is not None:
                 try:
-                    done = copy(fd, dst, left, offset)
+                    done = copy(fd, dst, min(left, CHUNK), offset)
                 except OSError:  # another filesystem, or no support here
                     break
                 if done == 0:
                     break
                 offset, left = offset + done, left - done
+                if on_chunk:
+                    on_chunk(done)
             src.seek(offset)
             while left:  # large buffered copies where the kernel cannot help
-                chunk = src.read(min(left, 16 << 20))
+                chunk = src.read(min(left, CHUNK))
                 if not chunk:
                     raise CheckpointError(f"{self.path}: ended early", code="CKM510")
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(dst, view) :]
                 left -= len(chunk)
+                if on_chunk:
+                    on_chunk(len(chunk))
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -335,13 +342,20 @@ def write(
     blob += b" " * (-len(blob) % 8)
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
+    written = 8 + len(blob)  # where the bytes not yet handed to writeback start
+
+    def wrote(n: int) -> None:
+        nonlocal written
+        _start_writeback(f.fileno(), written, n)
+        written += n
+        if on_bytes:
+            on_bytes(n)
+
     for name, m in items:
         tensor = fetch(name)
         if isinstance(tensor, RawBytes):  # a renamed tensor: its bytes, copied undecoded
             f.flush()
-            tensor.copy_to(f.fileno())
-            if on_bytes:
-                on_bytes(tensor.length)
+            tensor.copy_to(f.fileno(), wrote)
             continue
         if tuple(tensor.shape) != tuple(m.shape) or str(tensor.dtype) != f"torch.{m.dtype}":
             raise CheckpointError(
@@ -353,6 +367,20 @@ def write(
 
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         f.write(memoryview(data))
-        if on_bytes:
-            on_bytes(data.nbytes)
+        f.flush()
+        wrote(data.nbytes)
         del tensor, data
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Have the kernel start writing these bytes to disk now, while the next are copied.
+
+    The output is fsynced at the end anyway (atomic replace); started early, that
+    fsync finds little left to do, and a many-GB output does not first fill the
+    page cache with dirty pages. (Linux starts writeback of dirty pages on
+    DONTNEED and drops the clean ones.)
+    """
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None and length:
+        with contextlib.suppress(OSError):
+            advise(fd, offset, length, os.POSIX_FADV_DONTNEED)

@@ -1,0 +1,5 @@
+"""`python -m ckptmap`: the same command line as `ckptmap`."""
+
+from .cli import main
+
+main()
