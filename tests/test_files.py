@@ -416,6 +416,39 @@ def test_raw_copies_go_in_pieces_with_progress_for_each(tmp_path, monkeypatch, k
     assert torch.equal(got["a"], sd["module.a"]) and torch.equal(got["b"], sd["module.b"])
 
 
+@pytest.mark.parametrize(
+    ("merge", "gathered"),
+    [("cat(0)", True), ("cat(-2)", True), ("stack(0)", True), ("cat(1)", False)],
+)
+def test_merged_sources_are_read_into_their_place(tmp_path, monkeypatch, merge, gathered):
+    """A cat/stack along the first dimension reads each source straight into its slice of
+    the result (the group is held once); a transposed output is written a block of rows
+    at a time. Either way the file holds exactly what the in-memory path computes."""
+    import ckptmap.io.safetensors as st_io
+    from ckptmap.apply import write_plan
+
+    monkeypatch.setattr(st_io, "BLOCK", 64)  # several blocks per transposed tensor
+    torch.manual_seed(0)
+    sd = {f"l.{i}.{p}": torch.randn(6, 5).to(torch.bfloat16) for i in range(2) for p in "qkv"}
+    source = tmp_path / "m.safetensors"
+    save_file(sd, source)
+    text = (
+        f'merge "l.{{i}}.q", "l.{{i}}.k", "l.{{i}}.v" -> "l.{{i}}.qkv" | {merge} | transpose(0, 1)'
+    )
+    program = ckptmap.compile(text)
+    expected = program.plan(sd).apply(sd)
+    ckpt = open_checkpoint(source)
+    reads = []
+    original_get = ckpt.get
+    ckpt.get = lambda name: reads.append(name) or original_get(name)
+    write_plan(program.plan(ckpt), ckpt, tmp_path / "o.safetensors", metadata={})
+    assert (reads == []) is gathered
+    got = load_file(tmp_path / "o.safetensors")
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
 def test_streaming_output_equals_the_in_memory_path(tmp_path):
     """File to file (streamed, raw copies, shards) gives exactly what Plan.apply gives in memory."""
     from ckptmap.apply import write_plan

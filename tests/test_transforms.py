@@ -56,6 +56,21 @@ def test_gqa_separate_qkv_fuse_and_back():
     assert all(torch.equal(back[k], sd[k]) for k in sd)
 
 
+def test_gqa_fuse_loaded_from_a_file(tmp_path):
+    """From a safetensors file, q, k and v are read straight into the fused weight."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    separate = GQAModel(fused=False).eval()
+    path = tmp_path / "separate.safetensors"
+    save_file(separate.state_dict(), path)
+    fused = GQAModel(fused=True).eval()
+    report = ckptmap.load_into(fused, path, rules("qkv-fuse.ckmap"))
+    assert not report.missing and not report.unexpected
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(fused(x), separate(x))
+
+
 def test_moe_experts_stacked_and_unstacked():
     torch.manual_seed(0)
     per_expert = MoE(stacked=False).eval()

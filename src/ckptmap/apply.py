@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import torch
 
     from .io import Checkpoint
+    from .io.safetensors import RawBytes
     from .plan import Plan
     from .report import Report
 
@@ -56,12 +57,14 @@ class Evaluator:
         fetch: Callable[[str], torch.Tensor],
         wanted: list[int],
         done: Callable[[str], None] | None = None,
+        raw: Callable[[str], RawBytes | None] | None = None,
     ):
         from collections import Counter
 
         self.plan = plan
         self.fetch = fetch
         self.done = done  # told when a source tensor is no longer needed
+        self.raw = raw  # where a source's bytes lie in its file, when they can be read directly
         self.producer = {v: step for step in plan.steps for v in step.outputs}
         self.leaf = {e.value: e.source for e in plan.sources}
         self.uses: Counter[int] = Counter(wanted)
@@ -117,13 +120,46 @@ class Evaluator:
         from .ops import make
 
         step = self.producer[value]
-        inputs = [self._compute(v) for v in step.inputs]
-        outputs = make(step.op, step.args).run(inputs)
-        del inputs
+        gathered = self._gather(step)
+        if gathered is not None:
+            outputs = [gathered]
+        else:
+            inputs = [self._compute(v) for v in step.inputs]
+            outputs = make(step.op, step.args).run(inputs)
+            del inputs
         self.memo.update(zip(step.outputs, outputs, strict=True))
         for v in step.inputs:  # after the op has read them
             self._release(v)
         return self.memo[value]
+
+    def _gather(self, step: Any) -> torch.Tensor | None:
+        """A cat or stack along the first dimension of source tensors that nothing else
+        needs, read from the file straight into their places in the result: the group is
+        held once, not twice (pieces and result). None when that does not apply."""
+        if self.raw is None or step.op not in ("cat", "stack"):
+            return None
+        values = self.plan.values
+        out = values[step.outputs[0]]
+        if step.args[0] % len(out.shape) != 0:
+            return None
+        pieces = []
+        for v in step.inputs:
+            if v not in self.leaf or v in self.memo or self.uses[v] != 1:
+                return None
+            if values[v].dtype != out.dtype or out.dtype is None:
+                return None
+            where = self.raw(self.leaf[v])
+            if where is None:
+                return None
+            pieces.append((where, values[v].shape[0] if step.op == "cat" else 1))
+        import torch
+
+        result = torch.empty(out.shape, dtype=getattr(torch, out.dtype))
+        start = 0
+        for where, rows in pieces:
+            where.read_into(result.narrow(0, start, rows))
+            start += rows
+        return result
 
     def _release(self, value: int) -> None:
         self.uses[value] -= 1
@@ -208,7 +244,10 @@ def _stream_into(
                 if raw is not None:
                     direct[key] = raw
     evaluator = Evaluator(
-        plan, tensors.__getitem__, [v for k, v in loaded.items() if k not in direct]
+        plan,
+        tensors.__getitem__,
+        [v for k, v in loaded.items() if k not in direct],
+        raw=checkpoint.raw if checkpoint is not None else None,
     )
     errors: list[str] = []
     unexpected: list[str] = []
@@ -384,7 +423,7 @@ def write_plan(
                 raw[o.target] = checkpoint.raw(by_value[o.value])
         raw = {k: v for k, v in raw.items() if v is not None}
     computed = [o.value for o in loaded if o.target not in aliases and o.target not in raw]
-    evaluator = Evaluator(plan, checkpoint.get, computed, checkpoint.done)
+    evaluator = Evaluator(plan, checkpoint.get, computed, checkpoint.done, checkpoint.raw)
     items = [
         (o.target, TensorMeta(tuple(o.shape), o.dtype or meta[o.sources[0]].dtype)) for o in loaded
     ]

@@ -10,11 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import mmap
 import os
 import struct
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NamedTuple
@@ -49,6 +47,7 @@ CODES = {name: code for code, (name, _) in DTYPES.items()}
 ALIASES_KEY = "ckptmap.aliases"  # {name: stored name} for tensors stored once (tied)
 MAX_HEADER = 100 * 1024 * 1024
 CHUNK = 64 << 20  # bytes copied between progress updates and writeback starts
+BLOCK = 8 << 20  # bytes of a non-contiguous tensor made contiguous at a time for writing
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -245,8 +244,9 @@ class RawBytes(NamedTuple):
     def read_into(self, tensor: torch.Tensor) -> None:
         """Fill a contiguous CPU tensor of exactly this many bytes from the file.
 
-        The bytes are mapped just for this copy and unmapped at once: torch's parallel
-        copy runs at memory speed, and the mapped pages never pile up in the process.
+        The kernel copies the bytes straight into the tensor's memory: nothing is
+        mapped, so no page of the file ever counts in the process's memory, and the
+        copy runs as fast as a mapping's would.
         """
         import torch
 
@@ -257,27 +257,15 @@ class RawBytes(NamedTuple):
             raise CheckpointError(
                 f"{self.path}: {self.length} bytes for a {dst.numel()}-byte tensor", code="CKM534"
             )
-        start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
-        with open(self.path, "rb") as f:
-            try:
-                mapped = mmap.mmap(
-                    f.fileno(),
-                    self.offset - start + self.length,
-                    access=mmap.ACCESS_READ,
-                    offset=start,
-                )
-            except (OSError, ValueError) as e:
-                raise CheckpointError(f"{self.path}: cannot map ({e})", code="CKM510") from None
-        try:
-            with warnings.catch_warnings():  # read-only on purpose: nothing writes through it
-                warnings.simplefilter("ignore", UserWarning)
-                src = torch.frombuffer(
-                    mapped, dtype=torch.uint8, count=self.length, offset=self.offset - start
-                )
-            dst.copy_(src)
-            del src
-        finally:
-            mapped.close()
+        view = memoryview(dst.numpy())
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            done = 0
+            while done < self.length:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CheckpointError(f"{self.path}: ended early", code="CKM510")
+                done += n
 
     def copy_to(self, dst: int, on_chunk: Callable[[int], None] | None = None) -> None:
         """Append the bytes to the file `dst` is open on (at its position), in the kernel,
@@ -363,13 +351,26 @@ def write(
                 f"{list(m.shape)} {m.dtype}",
                 code="CKM534",
             )
-        import torch
+        for part in _contiguous_pieces(tensor.detach().to("cpu")):
+            f.write(memoryview(part))
+            f.flush()
+            wrote(part.nbytes)
+            del part
+        del tensor
 
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        f.write(memoryview(data))
-        f.flush()
-        wrote(data.nbytes)
-        del tensor, data
+
+def _contiguous_pieces(tensor: torch.Tensor) -> Iterator[Any]:
+    """The tensor's bytes in storage order, as numpy byte arrays: a contiguous tensor as
+    itself (no copy); any other (a transpose, a permute) a block of rows at a time, so
+    that no whole second copy of it is ever held."""
+    import torch
+
+    if tensor.is_contiguous() or tensor.dim() == 0 or tensor.shape[0] <= 1:
+        yield tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        return
+    row = tensor[0].numel() * tensor.element_size()
+    for block in tensor.split(max(1, BLOCK // max(row, 1))):
+        yield block.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
