@@ -60,6 +60,23 @@ def test_safetensors_plan_reads_the_header_only(tmp_path):
     assert torch.equal(out["w"], torch.ones(2, 3, dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_large_tensors_are_read_in_parallel_ranges_exactly(tmp_path, monkeypatch, threads):
+    import ckptmap.io.safetensors as st_io
+
+    monkeypatch.setattr(st_io, "PARALLEL_READ", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    sd = {"a": torch.arange(5000, dtype=torch.float64), "b": torch.arange(7).to(torch.bfloat16)}
+    path = tmp_path / "m.safetensors"
+    save_file(sd, path)
+    assert len(st_io._pieces(40_000, threads)) == threads  # 4096-byte aligned ranges
+    ckpt = open_checkpoint(path)
+    for name, expected in sd.items():
+        got = torch.full_like(expected, -1)
+        ckpt.raw(name).read_into(got)
+        assert torch.equal(got, expected)
+
+
 def test_truncated_safetensors_is_a_clear_error(tmp_path):
     path = tmp_path / "cut.safetensors"
     save_file({"w": torch.ones(4)}, path)

@@ -8,11 +8,13 @@ the size its shape and dtype need, no two ranges overlapping).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NamedTuple
@@ -47,6 +49,7 @@ CODES = {name: code for code, (name, _) in DTYPES.items()}
 ALIASES_KEY = "ckptmap.aliases"  # {name: stored name} for tensors stored once (tied)
 MAX_HEADER = 100 * 1024 * 1024
 CHUNK = 64 << 20  # bytes copied between progress updates and writeback starts
+PARALLEL_READ = 4 << 20  # tensors at least this large are read by several threads
 BLOCK = 8 << 20  # bytes of a non-contiguous tensor made contiguous at a time for writing
 
 
@@ -244,9 +247,9 @@ class RawBytes(NamedTuple):
     def read_into(self, tensor: torch.Tensor) -> None:
         """Fill a contiguous CPU tensor of exactly this many bytes from the file.
 
-        The kernel copies the bytes straight into the tensor's memory: nothing is
-        mapped, so no page of the file ever counts in the process's memory, and the
-        copy runs as fast as a mapping's would.
+        The kernel copies the bytes straight into the tensor's memory (a large tensor
+        in one range per torch thread, at once): nothing is mapped, so no page of the
+        file ever counts in the process's memory.
         """
         import torch
 
@@ -258,14 +261,20 @@ class RawBytes(NamedTuple):
                 f"{self.path}: {self.length} bytes for a {dst.numel()}-byte tensor", code="CKM534"
             )
         view = memoryview(dst.numpy())
+        pieces = _pieces(self.length, torch.get_num_threads())
+        if len(pieces) == 1:
+            self._read(view, 0, self.length)
+        else:  # the kernel copies (and faults in fresh pages) on every core, as torch would
+            list(_readers().map(lambda p: self._read(view, *p), pieces))
+
+    def _read(self, view: memoryview, start: int, end: int) -> None:
         with open(self.path, "rb", buffering=0) as f:
-            f.seek(self.offset)
-            done = 0
-            while done < self.length:
-                n = f.readinto(view[done:])
+            f.seek(self.offset + start)
+            while start < end:
+                n = f.readinto(view[start:end])
                 if not n:
                     raise CheckpointError(f"{self.path}: ended early", code="CKM510")
-                done += n
+                start += n
 
     def copy_to(self, dst: int, on_chunk: Callable[[int], None] | None = None) -> None:
         """Append the bytes to the file `dst` is open on (at its position), in the kernel,
@@ -357,6 +366,21 @@ def write(
             wrote(part.nbytes)
             del part
         del tensor
+
+
+def _pieces(length: int, workers: int) -> list[tuple[int, int]]:
+    """`length` bytes cut into page-aligned ranges, one per worker, when worth it."""
+    if workers <= 1 or length < PARALLEL_READ:
+        return [(0, length)]
+    step = -(-length // workers // 4096) * 4096
+    return [(a, min(a + step, length)) for a in range(0, length, step)]
+
+
+@functools.cache
+def _readers() -> ThreadPoolExecutor:
+    import torch
+
+    return ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="ckptmap-read")
 
 
 def _contiguous_pieces(tensor: torch.Tensor) -> Iterator[Any]:
