@@ -212,3 +212,27 @@ def test_debug_shows_the_traceback(tmp_path):
     bad.write_text('rename "a" "b"\n')
     result = runner.invoke(app, ["--debug", "check", str(bad)])
     assert isinstance(result.exception, ckptmap.RuleSyntaxError)
+
+
+def test_the_command_returns_freed_tensors_to_the_system(monkeypatch):
+    """The CLI process fixes glibc's mmap threshold (no drift with release order), unless
+    the environment already says what it wants."""
+    import ctypes
+
+    import ckptmap.cli as cli
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    cli._give_back_freed_tensors()
+    assert calls == [(-3, 4 << 20)]  # M_MMAP_THRESHOLD
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    cli._give_back_freed_tensors()
+    assert len(calls) == 1

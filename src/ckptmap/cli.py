@@ -512,7 +512,33 @@ def demo() -> None:
     _run(body)
 
 
+def _give_back_freed_tensors() -> None:
+    """Have glibc serve every allocation of 4 MiB or more (a tensor) with its own mapping.
+
+    By default glibc raises that threshold to the largest block freed so far (up to
+    32 MiB), after which tensors come from the heap, and a heap freed out of order
+    is not returned to the system: a streaming run's memory would drift up by
+    tens of MiB with the order tensors happen to be released in. This process
+    only streams tensors, so it asks for the plain behaviour (the library, running
+    inside someone else's program, leaves their allocator alone). An explicit
+    MALLOC_MMAP_THRESHOLD_ in the environment wins.
+    """
+    import os
+
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_mmap_threshold = -3
+    mallopt(m_mmap_threshold, 4 << 20)
+
+
 def main() -> None:
+    _give_back_freed_tensors()
     app()
 
 
