@@ -394,13 +394,17 @@ def test_write_plan_reports_every_byte_and_reads_one_tensor_at_a_time(tmp_path):
 
 
 @pytest.mark.parametrize("kernel_copy", [True, False])
-def test_raw_copies_go_in_pieces_with_progress_for_each(tmp_path, monkeypatch, kernel_copy):
-    """Large tensors are copied (and handed to writeback) in pieces, in the kernel or by
-    buffered reads where it cannot help; either way the bytes are the source's."""
+def test_raw_copies_go_in_aligned_pieces_with_progress_for_each(tmp_path, monkeypatch, kernel_copy):
+    """Renamed tensors lying back to back are copied as one range, in pieces (in the kernel,
+    or by buffered reads where it cannot help), each middle piece whole blocks; the header is
+    padded so the data keeps its place within a block. The bytes are the source's."""
+    import struct
+
     import ckptmap.io.safetensors as st_io
     from ckptmap.apply import write_plan
 
-    monkeypatch.setattr(st_io, "CHUNK", 100)
+    monkeypatch.setattr(st_io, "CHUNK", 96)
+    monkeypatch.setattr(st_io, "PAGE", 16)
     if not kernel_copy:
         monkeypatch.delattr(st_io.os, "copy_file_range", raising=False)
     sd = {"module.a": torch.arange(60, dtype=torch.float32), "module.b": torch.ones(3)}
@@ -411,9 +415,42 @@ def test_raw_copies_go_in_pieces_with_progress_for_each(tmp_path, monkeypatch, k
     out = tmp_path / "o.safetensors"
     plan = ckptmap.compile('strip "module."').plan(ckpt)
     write_plan(plan, ckpt, out, metadata={}, on_bytes=seen.append)
-    assert seen == [100, 100, 40, 12]  # a: 240 bytes in three pieces; b: 12 bytes
+    assert sum(seen) == 252 and max(seen) <= 96
+    if kernel_copy:
+        assert all(n % 16 == 0 for n in seen[1:-1]), seen
+    (n,) = struct.unpack("<Q", out.read_bytes()[:8])
+    assert (8 + n) % 16 == ckpt.data_start % 16 and n % 8 == 0
     got = load_file(out)
     assert torch.equal(got["a"], sd["module.a"]) and torch.equal(got["b"], sd["module.b"])
+
+
+def test_renamed_tensors_are_copied_in_storage_order_as_one_range(tmp_path, monkeypatch):
+    """Whatever order names sort in, tensors copied as they are keep the order they lie in
+    the source (the header still lists names in order): a pure rename is one range copy."""
+    from ckptmap.apply import write_plan
+    from ckptmap.io.safetensors import RawBytes
+
+    sd = {"a": torch.arange(7.0), "b": torch.ones(2, 3), "c": torch.zeros(5, dtype=torch.int64)}
+    first = tmp_path / "first.safetensors"
+    save_file(sd, first)
+    renamed = tmp_path / "renamed.safetensors"  # stored a, b, c; now named z, b, x
+    ckpt = open_checkpoint(first)
+    plan = ckptmap.compile('rename "a" -> "z"\nrename "c" -> "x"').plan(ckpt)
+    write_plan(plan, ckpt, renamed, metadata={})
+    assert list(open_checkpoint(renamed).meta()) == ["b", "x", "z"]
+
+    copies = []
+    original = RawBytes.copy_to
+    monkeypatch.setattr(
+        RawBytes, "copy_to", lambda self, *a: copies.append(self.length) or original(self, *a)
+    )
+    ckpt = open_checkpoint(renamed)
+    plan = ckptmap.compile('rename "{x}" -> "m.{x}"').plan(ckpt)
+    write_plan(plan, ckpt, tmp_path / "again.safetensors", metadata={})
+    assert copies == [28 + 24 + 40]  # z (was a), b, x (was c): one range
+    got = load_file(tmp_path / "again.safetensors")
+    assert torch.equal(got["m.z"], sd["a"]) and torch.equal(got["m.b"], sd["b"])
+    assert torch.equal(got["m.x"], sd["c"])
 
 
 @pytest.mark.parametrize(

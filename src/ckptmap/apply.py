@@ -427,6 +427,13 @@ def write_plan(
     items = [
         (o.target, TensorMeta(tuple(o.shape), o.dtype or meta[o.sources[0]].dtype)) for o in loaded
     ]
+    # tensors copied as they are go first, in the order they lie in the source: runs of them
+    # are copied as single ranges that keep their block alignment; computed ones follow
+    items.sort(
+        key=lambda item: (
+            (0, str(raw[item[0]].path), raw[item[0]].offset) if item[0] in raw else (1, "", 0)
+        )
+    )
     # torch is needed only when a tensor is computed; a pure rename never imports it
     torch = sys.modules.get("torch")
     with torch.no_grad() if torch is not None and computed else contextlib.nullcontext():

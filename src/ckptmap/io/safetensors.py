@@ -49,6 +49,7 @@ CODES = {name: code for code, (name, _) in DTYPES.items()}
 ALIASES_KEY = "ckptmap.aliases"  # {name: stored name} for tensors stored once (tied)
 MAX_HEADER = 100 * 1024 * 1024
 CHUNK = 64 << 20  # bytes copied between progress updates and writeback starts
+PAGE = 4096  # the block size that aligned copies keep
 PARALLEL_READ = 4 << 20  # tensors at least this large are read by several threads
 BLOCK = 8 << 20  # bytes of a non-contiguous tensor made contiguous at a time for writing
 
@@ -278,13 +279,13 @@ class RawBytes(NamedTuple):
 
     def copy_to(self, dst: int, on_chunk: Callable[[int], None] | None = None) -> None:
         """Append the bytes to the file `dst` is open on (at its position), in the kernel,
-        in pieces of at most 64 MiB; `on_chunk(n)` after each piece."""
+        in pieces of at most 64 MiB, aligned to 4 KiB blocks; `on_chunk(n)` after each."""
         with open(self.path, "rb", buffering=0) as src:
             fd, offset, left = src.fileno(), self.offset, self.length
             copy = getattr(os, "copy_file_range", None)
             while left and copy is not None:
                 try:
-                    done = copy(fd, dst, min(left, CHUNK), offset)
+                    done = copy(fd, dst, _next_piece(offset, left), offset)
                 except OSError:  # another filesystem, or no support here
                     break
                 if done == 0:
@@ -321,7 +322,7 @@ def write(
     tensor when its turn comes, and it is released right after it is written.
     """
     items = list(items)
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    entries: dict[str, Any] = {}
     offset = 0
     for name, m in items:
         if m.dtype not in CODES:
@@ -329,14 +330,21 @@ def write(
                 f"{name}: dtype {m.dtype} cannot be stored in safetensors", code="CKM533"
             )
         size = math.prod(m.shape) * DTYPES[CODES[m.dtype]][1]
-        header[name] = {
+        entries[name] = {
             "dtype": CODES[m.dtype],
             "shape": list(m.shape),
             "data_offsets": [offset, offset + size],
         }
         offset += size
+    # the header lists names in order whatever order the bytes are stored in
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    header.update(sorted(entries.items()))
+    # The first tensor is fetched before the header is written: when its bytes are copied
+    # as they are, the header is padded so that they keep their place within a 4 KiB block
+    # (copies between aligned ranges can share the blocks on XFS and btrfs, like `cp`).
+    ahead = fetch(items[0][0]) if items else None
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    blob += b" " * _padding(len(blob), ahead.offset if isinstance(ahead, RawBytes) else None)
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     written = 8 + len(blob)  # where the bytes not yet handed to writeback start
@@ -348,11 +356,27 @@ def write(
         if on_bytes:
             on_bytes(n)
 
-    for name, m in items:
-        tensor = fetch(name)
-        if isinstance(tensor, RawBytes):  # a renamed tensor: its bytes, copied undecoded
+    i = 0
+    while i < len(items):
+        name, m = items[i]
+        tensor = ahead if ahead is not None else fetch(name)
+        ahead = None
+        i += 1
+        if isinstance(tensor, RawBytes):  # renamed tensors: their bytes, copied undecoded
+            run = tensor  # and those lying back to back in one file, as one range
+            while i < len(items):
+                ahead = fetch(items[i][0])
+                if not (
+                    isinstance(ahead, RawBytes)
+                    and ahead.path == run.path
+                    and ahead.offset == run.offset + run.length
+                ):
+                    break
+                run = RawBytes(run.path, run.offset, run.length + ahead.length)
+                ahead = None
+                i += 1
             f.flush()
-            tensor.copy_to(f.fileno(), wrote)
+            run.copy_to(f.fileno(), wrote)
             continue
         if tuple(tensor.shape) != tuple(m.shape) or str(tensor.dtype) != f"torch.{m.dtype}":
             raise CheckpointError(
@@ -366,6 +390,25 @@ def write(
             wrote(part.nbytes)
             del part
         del tensor
+
+
+def _padding(length: int, first_offset: int | None) -> int:
+    """Spaces after a header of `length` bytes: to a multiple of 8, and, when the first
+    tensor is copied from `first_offset` in another file, so that the data starts at the
+    same place within a 4 KiB block."""
+    if first_offset is None or first_offset % 8:
+        return -length % 8
+    return (first_offset - 8 - length) % PAGE
+
+
+def _next_piece(offset: int, left: int) -> int:
+    """How much of a copy from `offset` to do in one call: up to a 4 KiB boundary first,
+    then whole blocks (at most CHUNK), then the tail, so that every middle piece is aligned."""
+    if offset % PAGE:
+        return min(left, PAGE - offset % PAGE)
+    if left >= PAGE:
+        return min(CHUNK, left - left % PAGE)
+    return left
 
 
 def _pieces(length: int, workers: int) -> list[tuple[int, int]]:
