@@ -318,7 +318,7 @@ def fingerprint_of(plan: Plan) -> str:
     digest = hashlib.sha256()
 
     def feed(rows: Any) -> None:
-        digest.update(json.dumps(rows, separators=(",", ":")).encode())
+        digest.update(json.dumps(rows, separators=(",", ":"), check_circular=False).encode())
         digest.update(b"\n")
 
     feed([plan.rules_fingerprint, [r.text for r in plan.rules], plan.policies])

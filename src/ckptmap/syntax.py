@@ -66,6 +66,8 @@ def _parser() -> Lark:
 def parse(text: str, path: str | Path | None = None) -> Ruleset:
     """Parse rule text into a `Ruleset`; raises `RuleSyntaxError` with line and column."""
     file = str(path) if path is not None else None
+    if not text.strip():  # no rules (a plain load): no parser to build
+        return Ruleset(file=file, text=text)
     try:
         tree = _parser().parse(text)
     except UnexpectedInput as e:
