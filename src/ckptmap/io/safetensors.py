@@ -279,20 +279,25 @@ class RawBytes(NamedTuple):
 
     def copy_to(self, dst: int, on_chunk: Callable[[int], None] | None = None) -> None:
         """Append the bytes to the file `dst` is open on (at its position), in the kernel,
-        in pieces of at most 64 MiB, aligned to 4 KiB blocks; `on_chunk(n)` after each."""
+        in pieces of at most 64 MiB, aligned to 4 KiB blocks; `on_chunk(n)` after each.
+
+        `copy_file_range` first (it shares blocks where the filesystem can), `sendfile`
+        where that is refused (another filesystem, an old kernel), then buffered reads."""
         with open(self.path, "rb", buffering=0) as src:
             fd, offset, left = src.fileno(), self.offset, self.length
-            copy = getattr(os, "copy_file_range", None)
-            while left and copy is not None:
-                try:
-                    done = copy(fd, dst, _next_piece(offset, left), offset)
-                except OSError:  # another filesystem, or no support here
-                    break
-                if done == 0:
-                    break
-                offset, left = offset + done, left - done
-                if on_chunk:
-                    on_chunk(done)
+            for copy in _kernel_copies(fd, dst):
+                while left:
+                    try:
+                        done = copy(_next_piece(offset, left), offset)
+                    except OSError:  # not between these files: the next way
+                        break
+                    if done == 0:
+                        break
+                    offset, left = offset + done, left - done
+                    if on_chunk:
+                        on_chunk(done)
+                if not left:
+                    return
             src.seek(offset)
             while left:  # large buffered copies where the kernel cannot help
                 chunk = src.read(min(left, CHUNK))
@@ -390,6 +395,14 @@ def write(
             wrote(part.nbytes)
             del part
         del tensor
+
+
+def _kernel_copies(src: int, dst: int) -> Iterator[Callable[[int, int], int]]:
+    """The ways this system copies `n` bytes at `offset` of `src` to `dst`'s position."""
+    if hasattr(os, "copy_file_range"):
+        yield lambda n, offset: os.copy_file_range(src, dst, n, offset)
+    if hasattr(os, "sendfile"):
+        yield lambda n, offset: os.sendfile(dst, src, offset, n)
 
 
 def _padding(length: int, first_offset: int | None) -> int:
