@@ -64,7 +64,7 @@ def test_safetensors_plan_reads_the_header_only(tmp_path):
 def test_large_tensors_are_read_in_parallel_ranges_exactly(tmp_path, monkeypatch, threads):
     import ckptmap.io.safetensors as st_io
 
-    monkeypatch.setattr(st_io, "PARALLEL_READ", 1)
+    monkeypatch.setattr(st_io, "READ_PIECE", 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     sd = {"a": torch.arange(5000, dtype=torch.float64), "b": torch.arange(7).to(torch.bfloat16)}
     path = tmp_path / "m.safetensors"
@@ -75,6 +75,33 @@ def test_large_tensors_are_read_in_parallel_ranges_exactly(tmp_path, monkeypatch
         got = torch.full_like(expected, -1)
         ckpt.raw(name).read_into(got)
         assert torch.equal(got, expected)
+
+
+def _read_all(path):
+    ckpt = open_checkpoint(path)
+    for name, meta in ckpt.meta().items():
+        ckpt.raw(name).read_into(torch.empty(meta.shape, dtype=getattr(torch, meta.dtype)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_parallel_reads_work_in_a_forked_child(tmp_path, monkeypatch):
+    """A child forked after the parent read in parallel makes its own reading threads
+    (the parent's are not there: waiting on them would hang)."""
+    import multiprocessing
+
+    import ckptmap.io.safetensors as st_io
+
+    monkeypatch.setattr(st_io, "READ_PIECE", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.arange(5000, dtype=torch.float64)}, path)
+    _read_all(path)  # the parent's pool exists now
+    child = multiprocessing.get_context("fork").Process(target=_read_all, args=(path,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0
 
 
 def test_truncated_safetensors_is_a_clear_error(tmp_path):

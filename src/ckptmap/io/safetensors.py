@@ -8,7 +8,6 @@ the size its shape and dtype need, no two ranges overlapping).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -50,7 +49,7 @@ ALIASES_KEY = "ckptmap.aliases"  # {name: stored name} for tensors stored once (
 MAX_HEADER = 100 * 1024 * 1024
 CHUNK = 64 << 20  # bytes copied between progress updates and writeback starts
 PAGE = 4096  # the block size that aligned copies keep
-PARALLEL_READ = 4 << 20  # tensors at least this large are read by several threads
+READ_PIECE = 2 << 20  # the least one thread reads of a tensor read by several
 BLOCK = 8 << 20  # bytes of a non-contiguous tensor made contiguous at a time for writing
 
 
@@ -425,18 +424,27 @@ def _next_piece(offset: int, left: int) -> int:
 
 
 def _pieces(length: int, workers: int) -> list[tuple[int, int]]:
-    """`length` bytes cut into page-aligned ranges, one per worker, when worth it."""
-    if workers <= 1 or length < PARALLEL_READ:
+    """`length` bytes cut into block-aligned ranges, one per worker, none under READ_PIECE."""
+    workers = min(workers, length // READ_PIECE)
+    if workers <= 1:
         return [(0, length)]
-    step = -(-length // workers // 4096) * 4096
+    step = -(-length // workers // PAGE) * PAGE
     return [(a, min(a + step, length)) for a in range(0, length, step)]
 
 
-@functools.cache
-def _readers() -> ThreadPoolExecutor:
-    import torch
+_pool: tuple[int, ThreadPoolExecutor] | None = None
 
-    return ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="ckptmap-read")
+
+def _readers() -> ThreadPoolExecutor:
+    """The reading threads of this process (a forked child makes its own: the parent's
+    threads do not exist there)."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        import torch
+
+        pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="ckptmap-read")
+        _pool = (os.getpid(), pool)
+    return _pool[1]
 
 
 def _contiguous_pieces(tensor: torch.Tensor) -> Iterator[Any]:
