@@ -367,7 +367,6 @@ class _Node:
 # Keys that differ only in their numbers (layer 0..79, expert 0..255) share a template;
 # a string pattern without digits matches all of a template's keys or none of them, so
 # a rule is tried once per template, not once per key.
-_DIGITS = str.maketrans("0123456789", "##########")
 _DIGIT_BYTES = bytes.maketrans(b"0123456789", b"##########")
 
 
@@ -393,7 +392,7 @@ def _bucket_test(rule: Rule) -> Any:
     if isinstance(node, Prefix):
         return None
     if isinstance(node, Strip):
-        text = node.prefix.translate(_DIGITS)
+        text = _template(node.prefix)
         return lambda t: t.startswith(text)
     matchers = rule.matchers if isinstance(node, Merge) else (rule.matcher,)
     if any(m is None or m.is_regex for m in matchers):
@@ -406,7 +405,7 @@ def _bucket_test(rule: Rule) -> Any:
 
 
 def _has_digits(text: str) -> bool:
-    return text.translate(_DIGITS) != text or "#" in text
+    return _template(text) != text or "#" in text
 
 
 def _whole_buckets(rule: Rule) -> bool:
@@ -462,7 +461,7 @@ def _hash_literals(text: str) -> str:
     out, depth = [], 0
     for ch in text:
         depth += ch == "{"
-        out.append(ch.translate(_DIGITS) if depth == 0 else ch)
+        out.append(_template(ch) if depth == 0 else ch)
         depth -= ch == "}" and depth > 0
     return "".join(out)
 
