@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -428,6 +429,31 @@ def test_raw_copies_go_in_aligned_pieces_with_progress_for_each(tmp_path, monkey
     assert (8 + n) % 16 == ckpt.data_start % 16 and n % 8 == 0
     got = load_file(out)
     assert torch.equal(got["a"], sd["module.a"]) and torch.equal(got["b"], sd["module.b"])
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_every_written_byte_is_handed_to_writeback(tmp_path, monkeypatch):
+    """Each piece is passed to the kernel's writeback as it is written (copied or computed),
+    so the ranges advised tile the data section exactly."""
+    from ckptmap.apply import write_plan
+
+    advised = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(
+        os, "posix_fadvise", lambda fd, o, n, a: advised.append((o, n)) or real(fd, o, n, a)
+    )
+    sd = {"module.a": torch.arange(60.0), "module.b": torch.ones(4, 3)}
+    source = tmp_path / "m.safetensors"
+    save_file(sd, source)
+    ckpt = open_checkpoint(source)
+    out = tmp_path / "o.safetensors"
+    plan = ckptmap.compile('strip "module."\ntransform "b" | transpose(0, 1)').plan(ckpt)
+    write_plan(plan, ckpt, out, metadata={})
+    (n,) = struct.unpack("<Q", out.read_bytes()[:8])
+    advised.sort()
+    assert advised[0][0] == 8 + n
+    assert all(o + k == nxt for (o, k), (nxt, _) in itertools.pairwise(advised))
+    assert advised[-1][0] + advised[-1][1] == out.stat().st_size
 
 
 def test_renamed_tensors_are_copied_in_storage_order_as_one_range(tmp_path, monkeypatch):
