@@ -110,7 +110,7 @@ MOE_RULES = [
     ),
     'rename "model.layers.{i}.mlp.gate" -> "layers.{i}.moe.router"',
     'rename "model.layers.{i}.input_layernorm" -> "layers.{i}.attention_norm"',
-    *(f'skip "model.layers.{{i}}.unused_{n}"' for n in range(41)),
+    *(f'optional skip "model.layers.{{i}}.unused_{n}"' for n in range(41)),
 ]
 MOE_RESUB = [
     *(

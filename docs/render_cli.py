@@ -1,6 +1,7 @@
-"""Regenerate docs/cli.md from docs/cli.md.in: each `@@args` line becomes a console block
-holding the real output of `ckptmap args`, run in a fresh folder after the page's own
-file blocks are written and its Python blocks run. tests/test_docs.py checks the result.
+"""Regenerate docs/PAGE.md from each docs/PAGE.md.in (cli, troubleshooting): each `@@args`
+line becomes a console block holding the real output of `ckptmap args`, run in a fresh
+folder where the page's file blocks before it are written and its Python blocks before it
+have run. tests/test_docs.py checks the result.
 
     python docs/render_cli.py
 """
@@ -19,10 +20,16 @@ FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```", re.S | re.M)
 
 
 def main() -> None:
-    template = (HERE / "cli.md.in").read_text()
+    for page in sorted(HERE.glob("*.md.in")):
+        render(page)
+
+
+def render(page: Path) -> None:
+    template = page.read_text()
     env = dict(os.environ, COLUMNS="100")
     with tempfile.TemporaryDirectory() as tmp:
-        for m in FENCE.finditer(template):
+
+        def block(m: re.Match) -> None:
             file = re.search(r"file=(\S+)", m.group(2))
             if file:
                 Path(tmp, file.group(1)).write_text(m.group(3))
@@ -42,7 +49,18 @@ def main() -> None:
             status = [f"[exit {r.returncode}]"] if r.returncode else []
             return "\n".join(["```console", f"$ ckptmap {m.group(1)}", *lines, *status, "```"])
 
-        (HERE / "cli.md").write_text(re.sub(r"^@@(.*)$", run, template, flags=re.M))
+        # blocks and commands in page order, as tests/test_docs.py runs them
+        pieces, at = [], 0
+        for m in re.finditer(FENCE.pattern + r"|^@@([^\n]*)$", template, flags=re.S | re.M):
+            pieces.append(template[at : m.start()])
+            if m.group(4) is not None:
+                pieces.append(run(re.match(r"@@(.*)", m.group(0))))
+            else:
+                block(m)
+                pieces.append(m.group(0))
+            at = m.end()
+        pieces.append(template[at:])
+        page.with_suffix("").write_text("".join(pieces))
 
 
 if __name__ == "__main__":

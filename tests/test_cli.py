@@ -164,7 +164,7 @@ def test_schema_is_json_schema():
     result = runner.invoke(app, ["schema"])
     schema = json.loads(result.output)
     assert schema["title"] == "ckptmap rules"
-    assert len(schema["properties"]["rules"]["items"]["anyOf"]) == 14
+    assert len(schema["properties"]["rules"]["items"]["anyOf"]) == 15
 
 
 def test_demo_runs_as_a_real_process():
@@ -200,7 +200,9 @@ def test_plan_golden(tmp_path, ddp_checkpoint, target_json):
     from test_report import golden
 
     rules = tmp_path / "finetune.ckmap"
-    rules.write_text('strip "module."\nstrip "_orig_mod."\ninit "fc"\nfreeze "**"\nunfreeze "fc"\n')
+    rules.write_text(
+        'strip "module."\noptional strip "_orig_mod."\ninit "fc"\nfreeze "**"\nunfreeze "fc"\n'
+    )
     args = ["plan", str(rules), "-s", str(ddp_checkpoint), "-t", str(target_json)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0

@@ -18,6 +18,7 @@ A case:
       frozen: [target]
       unfrozen: [target]
       unused: [rule text]
+      message: text                    # a problem's message contains it
       errors: [code]                   # plan errors, in order; absent means the plan is clean
       warnings: [code]
     error: {code: CKM202, line: 1, column: 40}   # instead of expect: parse/compile fails
@@ -107,3 +108,5 @@ def test_case(case, tmp_path):
         assert [t.target for t in plan.trainable if not t.frozen] == expect["unfrozen"]
     if "unused" in expect:
         assert [plan.rules[i].text for i in plan.unused_rules] == expect["unused"], str(plan)
+    if "message" in expect:
+        assert any(expect["message"] in p.message for p in plan.problems), str(plan)

@@ -13,6 +13,7 @@ from .errors import (
     PlanError,
     RuleCompileError,
     RuleSyntaxError,
+    UsageError,
 )
 from .plan import Plan
 from .report import Report
@@ -31,6 +32,7 @@ __all__ = [
     "RuleCompileError",
     "RuleSyntaxError",
     "Ruleset",
+    "UsageError",
     "__version__",
     "compile",
     "load_into",

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import LoadError, summarize
+from .errors import LoadError, UsageError, summarize
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +38,7 @@ def _tensors(source: Any) -> Mapping[str, torch.Tensor]:
         return source.tensors()
     if isinstance(source, Mapping):
         return source
-    raise TypeError(
+    raise UsageError(
         f"source must be a state_dict or a checkpoint path, not {type(source).__name__}"
     )
 
@@ -308,6 +308,7 @@ def load_into(
     on_mismatch: str | None = None,
     on_missing: str | None = None,
     on_unexpected: str | None = None,
+    on_unused: str | None = None,
 ) -> Report:
     """Plan, validate, load and freeze, all or nothing; return the Report.
 
@@ -316,12 +317,21 @@ def load_into(
     and the model's tensors and `requires_grad` flags are exactly as before.
     """
 
+    import torch
+
     from .compile import compile
 
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"load_into loads into an nn.Module, not {type(model).__name__}")
     program = compile(rules)
     source = _opened(source)
     plan = program.plan(
-        source, model, on_mismatch=on_mismatch, on_missing=on_missing, on_unexpected=on_unexpected
+        source,
+        model,
+        on_mismatch=on_mismatch,
+        on_missing=on_missing,
+        on_unexpected=on_unexpected,
+        on_unused=on_unused,
     )
     plan.check()
     # Everything is checked before the first tensor is written: shapes and names (the
@@ -363,13 +373,26 @@ def migrate(
     on_mismatch: str | None = None,
     on_missing: str | None = None,
     on_unexpected: str | None = None,
+    on_unused: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], Report]:
-    """Rewrite a state_dict (or checkpoint file) under the rules: `(new_state_dict, report)`."""
+    """Rewrite a state_dict (or checkpoint file) under the rules: `(new_state_dict, report)`.
+
+    `source` is a state_dict or a checkpoint path; `rules` as for `compile`; `target`
+    (optional) anything a plan takes: a state_dict, `{name: shape}`, an nn.Module or a
+    checkpoint path, to validate against. Raises `PlanError` when the plan has errors.
+
+        new_sd, report = ckptmap.migrate("old.safetensors", Path("v1_to_v2.ckmap"))
+    """
     from .compile import compile
 
     source = _opened(source)
     plan = compile(rules).plan(
-        source, target, on_mismatch=on_mismatch, on_missing=on_missing, on_unexpected=on_unexpected
+        source,
+        target,
+        on_mismatch=on_mismatch,
+        on_missing=on_missing,
+        on_unexpected=on_unexpected,
+        on_unused=on_unused,
     )
     return apply_plan(plan, source), plan.report(frozen=[])  # a state_dict has no requires_grad
 
@@ -382,6 +405,7 @@ def write_plan(
     metadata: dict[str, str],
     max_shard_size: int | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Execute a plan file to file: each tensor is read, written and released in turn.
 
@@ -445,4 +469,5 @@ def write_plan(
             aliases=aliases,
             max_shard_size=max_shard_size,
             on_bytes=on_bytes,
+            overwrite=overwrite,
         )

@@ -7,6 +7,7 @@ traceback (`--debug` shows it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -53,12 +54,34 @@ TargetOpt = Annotated[
 ]
 
 
+StrictOpt = Annotated[
+    bool,
+    typer.Option(
+        "--strict",
+        help="Rules that match nothing are errors, whatever the files' `on unused` says.",
+    ),
+]
+
+
 def out() -> Console:
     return Console(highlight=False, soft_wrap=True)
 
 
 def err() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_table(console: Console, table: Table) -> None:
+    """A table; off a terminal (a file, a pipe) as wide as its longest row, so that no key
+    name is ever wrapped."""
+    narrow = console.width
+    if not console.is_terminal:
+        console.width = 1 << 16
+        console.width = max(narrow, console.measure(table).maximum)
+    try:
+        console.print(table)
+    finally:
+        console.width = narrow
 
 
 def _run(fn: Any) -> None:
@@ -162,12 +185,9 @@ def inspect(
         ckpt = open_checkpoint(checkpoint, select)
         if json_out:
             meta = ckpt.meta()
-            print(
-                json.dumps(
-                    {k: {"shape": list(m.shape), "dtype": m.dtype} for k, m in meta.items()},
-                    indent=2,
-                )
-            )
+            tensors = {k: {"shape": list(m.shape), "dtype": m.dtype} for k, m in meta.items()}
+            doc = {"tensors": tensors, "metadata": ckpt.metadata, "notes": ckpt.notes}
+            print(json.dumps(doc, indent=2))
         else:
             print_inspect(out(), ckpt)
 
@@ -200,12 +220,23 @@ def print_inspect(console: Console, ckpt: Checkpoint) -> None:
             _DTYPE_SHORT.get(dtype or "", dtype or "?"),
             f"×{count}" if count > 1 else "",  # noqa: RUF001
         )
-    console.print(table)
+    print_table(console, table)
     numel = sum(math.prod(m.shape) for m in meta.values())
     size = sum(_nbytes(m.shape, m.dtype) for m in meta.values())
     console.print(f"{len(meta)} tensors, {numel:,} values, {_human(size)}")
     for note in ckpt.notes:
         console.print(f"note: {note}", markup=False)
+    if ckpt.metadata:
+        console.print("metadata:")
+        for key, value in sorted(ckpt.metadata.items()):
+            console.print(f"  {key}: {_metadata_text(value)}", markup=False)
+
+
+def _metadata_text(value: str) -> str:
+    """A metadata value on one line: JSON compacted, long text shortened."""
+    with contextlib.suppress(ValueError):
+        value = json.dumps(json.loads(value), separators=(", ", ": "))
+    return value if len(value) <= 300 else value[:297] + "..."
 
 
 def _nbytes(shape, dtype: str | None) -> int:
@@ -267,10 +298,17 @@ def _build_on_meta(spec: str) -> Any:
     from .errors import CheckpointError
 
     module_name, _, attr = spec.partition(":")
+    # as `python -m` does: modules in the working folder can be imported
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise CheckpointError(f"{spec}: cannot import the factory ({e})", code="CKM541") from None
+        raise CheckpointError(
+            f"{spec}: cannot import the factory ({e})",
+            code="CKM541",
+            hint=f"the module is looked up on the import path and in {Path.cwd()}",
+        ) from None
     with torch.device("meta"):
         return factory()
 
@@ -281,7 +319,10 @@ def plan(
     source: SourceOpt,
     target: TargetOpt = None,
     select: SelectOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the plan as JSON (apply --plan reads it).")
+    ] = False,
+    strict: StrictOpt = False,
 ) -> None:
     """Dry run: what every source tensor becomes, from names and shapes only."""
 
@@ -290,7 +331,9 @@ def plan(
         from .io import open_checkpoint
 
         ckpt = open_checkpoint(source, select)
-        the_plan = compile(list(rules)).plan(ckpt.describe(), _target(target))
+        the_plan = compile(list(rules)).plan(
+            ckpt.describe(), _target(target), on_unused="error" if strict else None
+        )
         if json_out:
             print(the_plan.to_json())
         else:
@@ -306,27 +349,30 @@ def plan(
 
 def print_plan(console: Console, the_plan: Plan) -> None:
     """The plan grouped by what happened and which rule decided, key ranges collapsed."""
-    from .report import collapse_keys, render_problems
+    from .report import collapse_keys, render_problems, shape_change
 
-    groups: dict[tuple, list[tuple[str, tuple]]] = defaultdict(list)
+    # one group per outcome and the rule that decided it (the last to touch the tensor)
+    groups: dict[tuple, list[tuple[str, str]]] = defaultdict(list)
+    shapes = {e.source: e.shape for e in the_plan.sources}
     for o in the_plan.outputs:
         made_of = " + ".join(o.sources)
         line = o.target if made_of == o.target else f"{made_of} -> {o.target}"
-        groups[(o.status, o.reason, tuple(o.rules))].append((line, tuple(o.shape)))
+        shape = shape_change([shapes[s] for s in o.sources if s in shapes], o.shape)
+        groups[(o.status, o.reason, o.rules[-1] if o.rules else None)].append((line, shape))
     for e in the_plan.sources:
         if e.reason == "skip":
-            groups[("skipped", "skip", tuple(e.rules))].append((e.source, tuple(e.shape)))
-    for (status, reason, rules), items in groups.items():
+            groups[("skipped", "skip", e.rules[-1])].append((e.source, str(e.shape)))
+    for (status, reason, rule_id), items in groups.items():
         label = status if not reason else f"{status} ({reason})"
-        rule = f" via {the_plan.rules[rules[-1]]}" if rules else " (no rule matched)"
+        rule = f" via {the_plan.rules[rule_id]}" if rule_id is not None else " (no rule matched)"
         n = len(items)
         console.print(f"[bold]{label}[/bold]{escape(rule)}  [dim]{n} tensor{'s' * (n != 1)}[/dim]")
-        by_shape: dict[tuple, list[str]] = defaultdict(list)
+        by_shape: dict[str, list[str]] = defaultdict(list)
         for line, shape in items:
             by_shape[shape].append(line)
         lines = [(p, shape) for shape, names in by_shape.items() for p, _ in collapse_keys(names)]
         for line, shape in sorted(lines):
-            console.print(f"  {line}  {list(shape)}", markup=False)
+            console.print(f"  {line}  {shape}", markup=False)
     counts = defaultdict(int)
     for e in the_plan.sources:
         counts[e.status] += 1
@@ -341,18 +387,23 @@ def print_plan(console: Console, the_plan: Plan) -> None:
         console.print("problems:")
         for line in render_problems(the_plan.problems, the_plan):
             console.print(f"  {line}", markup=False)
+    said = {i for p in the_plan.problems if p.kind == "unused" for i in p.rules}
     for i in the_plan.unused_rules:
-        console.print(f"unused rule: {the_plan.rules[i]}", markup=False)
+        if i not in said:  # optional, or `on unused ignore`: listed, not a problem
+            console.print(f"matched nothing: {the_plan.rules[i]}", markup=False)
     console.print(f"plan {the_plan.fingerprint[:19]}  {'ok' if the_plan.ok else 'has problems'}")
 
 
 @app.command()
 def apply(
-    rules: RulesArg,
-    source: SourceOpt,
+    rules: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Rule files (.ckmap/.yaml/.json, or ckptmap:NAME), in order."),
+    ] = None,
+    source: SourceOpt = ...,  # type: ignore[assignment]
     out_path: Annotated[
         Path, typer.Option("--out", "-o", help="Where to write: a .safetensors or .pt file.")
-    ],
+    ] = ...,  # type: ignore[assignment]
     target: TargetOpt = None,
     select: SelectOpt = None,
     max_shard_size: Annotated[
@@ -363,6 +414,10 @@ def apply(
         bool, typer.Option(help="Record the source files' sha256 in the output's metadata.")
     ] = False,
     report: Annotated[Path | None, typer.Option(help="Also write the report as JSON.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace --out and --report if they exist.")
+    ] = False,
+    strict: StrictOpt = False,
     reverse: Annotated[
         bool,
         typer.Option(
@@ -375,6 +430,14 @@ def apply(
             help="With --reverse: the checkpoint the rules were written for (header read)."
         ),
     ] = None,
+    saved_plan: Annotated[
+        Path | None,
+        typer.Option(
+            "--plan",
+            help="Run a plan saved by `plan --json` instead of RULES (with --reverse: undo it, "
+            "no --original needed).",
+        ),
+    ] = None,
     allow_lossy: Annotated[
         bool, typer.Option(help="With --reverse: restore what can be, when some steps lose data.")
     ] = False,
@@ -383,7 +446,7 @@ def apply(
 
     With --reverse, write a (fine-tuned) model's weights back under the original
     checkpoint's names and layout: the forward plan is rebuilt from --original's
-    header and inverted entry by entry.
+    header (or read from --plan) and inverted entry by entry.
     """
 
     def body() -> None:
@@ -396,26 +459,53 @@ def apply(
         )
 
         from .apply import write_plan
-        from .compile import compile
         from .io import open_checkpoint
-        from .io.write import check_destination, parse_size, provenance, refuse_overwriting_source
+        from .io.write import (
+            check_destination,
+            parse_size,
+            provenance,
+            refuse_overwriting_source,
+            refuse_replacing,
+        )
 
         shard_size = parse_size(max_shard_size) if max_shard_size else None
+        if rules and saved_plan is not None:
+            raise typer.BadParameter("give RULES or --plan, not both", param_hint="--plan")
+        if not rules and saved_plan is None:
+            raise typer.BadParameter("name the rule files (RULES) or a saved --plan")
+        if reverse and saved_plan is None and original is None:
+            raise typer.BadParameter(
+                "--reverse needs --original, the checkpoint the rules were written for "
+                "(or --plan, the forward plan saved by `plan --json`)",
+                param_hint="--original",
+            )
         ckpt = open_checkpoint(source, select)
         refuse_overwriting_source(out_path, [ckpt.path, *ckpt.files])
-        check_destination(out_path, sharded=shard_size is not None)
-        program = compile(list(rules))
+        check_destination(out_path, sharded=shard_size is not None, overwrite=overwrite)
+        if report is not None and not overwrite:
+            refuse_replacing(report)
         console = out()
+        if saved_plan is not None:
+            from .plan import Plan
+
+            forward = Plan.from_json(_read_text(saved_plan), saved_plan)
+            rules_fingerprint = forward.rules_fingerprint
+        else:
+            from .compile import compile
+
+            program = compile(list(rules or ()))
+            rules_fingerprint = program.fingerprint
+        unused = "error" if strict else None
         if reverse:
-            if original is None:
-                raise typer.BadParameter(
-                    "--reverse needs --original, the checkpoint the rules were written for",
-                    param_hint="--original",
-                )
-            # keys of SOURCE that the original never had (a new head) are left out, not missing
-            forward = program.plan(
-                open_checkpoint(original).describe(), ckpt.describe(), on_missing="ignore"
-            ).check()
+            if saved_plan is None:
+                assert original is not None  # checked above
+                # keys of SOURCE that the original never had (a new head) are left out
+                forward = program.plan(
+                    open_checkpoint(original).describe(),
+                    ckpt.describe(),
+                    on_missing="ignore",
+                    on_unused=unused,
+                ).check()
             the_plan = forward.inverse(allow_lossy=allow_lossy)
             used = {e.source for e in the_plan.sources}
             extra = [k for k in ckpt.meta() if k not in used]
@@ -426,8 +516,10 @@ def apply(
                 console.print(f"note: left out, not from the original: {keys}", markup=False)
             for problem in the_plan.warnings:
                 console.print(f"warning: {problem.message}", markup=False)
+        elif saved_plan is not None:
+            the_plan = forward.check()
         else:
-            the_plan = program.plan(ckpt.describe(), _target(target)).check()
+            the_plan = program.plan(ckpt.describe(), _target(target), on_unused=unused).check()
         for note in ckpt.notes:  # known once the checkpoint has been opened
             console.print(f"note: {note}", markup=False)
         total = sum(_nbytes(o.shape, o.dtype) for o in the_plan.outputs if o.status == "loaded")
@@ -439,10 +531,11 @@ def apply(
                 ckpt,
                 out_path,
                 metadata=provenance(
-                    program.fingerprint, the_plan.fingerprint, ckpt.files, hash_source
+                    rules_fingerprint, the_plan.fingerprint, ckpt.files, hash_source
                 ),
                 max_shard_size=shard_size,
                 on_bytes=lambda n: progress.advance(task, n),
+                overwrite=overwrite,
             )
         the_report = the_plan.report(frozen=[])  # a file has no requires_grad
         console.print(str(the_report), markup=False)
@@ -457,18 +550,39 @@ def apply(
     _run(body)
 
 
+def _read_text(path: Path) -> str:
+    from .errors import CheckpointError
+
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read ({e})", code="CKM501") from None
+
+
 @app.command()
 def diff(
     a: Annotated[Path, typer.Argument(help="A checkpoint file or folder.")],
     b: Annotated[Path, typer.Argument(help="Another one.")],
+    values: Annotated[
+        bool,
+        typer.Option(
+            "--values", help="Also compare the values of tensors in both (one tensor at a time)."
+        ),
+    ] = False,
+    atol: Annotated[float, typer.Option(help="With --values: absolute tolerance.")] = 0.0,
+    rtol: Annotated[float, typer.Option(help="With --values: tolerance relative to B.")] = 0.0,
 ) -> None:
-    """What differs in names, shapes and dtypes between two checkpoints (exit 1 when anything does)."""
+    """What differs between two checkpoints: names, shapes, dtypes and, with --values, values.
+
+    Exit 1 when anything differs (values: past |a - b| <= atol + rtol * |b|; NaN equals NaN).
+    """
 
     def body() -> None:
         from .io import open_checkpoint
         from .report import collapse_keys
 
-        meta_a, meta_b = open_checkpoint(a).meta(), open_checkpoint(b).meta()
+        ckpt_a, ckpt_b = open_checkpoint(a), open_checkpoint(b)
+        meta_a, meta_b = ckpt_a.meta(), ckpt_b.meta()
         console = out()
         only_a = [k for k in meta_a if k not in meta_b]
         only_b = [k for k in meta_b if k not in meta_a]
@@ -494,22 +608,61 @@ def diff(
                     )
         same = len(meta_a) - len(only_a) - len(changed)
         console.print(f"{same} tensors with the same name, shape and dtype")
-        if only_a or only_b or changed:
+        differ = []
+        if values:
+            from .values import compare
+
+            common = [k for k in meta_a if k in meta_b and k not in changed]
+            differ = compare(ckpt_a, ckpt_b, common, atol, rtol)
+            if differ:
+                console.print(f"values differ ({len(differ)}):")
+                for d in differ:
+                    console.print(f"  {d}", markup=False)
+            tolerance = "equal" if atol == rtol == 0 else f"within atol={atol:g}, rtol={rtol:g}"
+            console.print(f"{len(common) - len(differ)} of them {tolerance}", markup=False)
+        if only_a or only_b or changed or differ:
             raise typer.Exit(1)
 
     _run(body)
 
 
 @app.command()
-def demo() -> None:
+def demo(
+    keep: Annotated[
+        Path | None,
+        typer.Option(help="Write the demo's files into this new folder and leave them there."),
+    ] = None,
+) -> None:
     """Fine-tune recipe end to end on a built-in example (no downloads)."""
 
     def body() -> None:
         from .demo import run
+        from .errors import CheckpointError
 
-        run(out())
+        if keep is not None:
+            if keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
+                raise CheckpointError(
+                    f"{keep}: already exists; --keep needs a new or empty folder", code="CKM533"
+                )
+            keep.mkdir(parents=True, exist_ok=True)
+        run(out(), keep)
+        if keep is not None:
+            out().print(f"the demo's files are in {keep}", markup=False)
 
     _run(body)
+
+
+@app.command("rules")
+def list_rules() -> None:
+    """The rule files that ship with ckptmap: use them as ckptmap:NAME anywhere a rule file goes."""
+    from .shipped import SHIPPED_PREFIX, describe_rule_file, shipped_rules
+
+    table = Table(box=None, show_header=True, header_style="bold")
+    table.add_column("name")
+    table.add_column("what it is for")
+    for name, path in shipped_rules().items():
+        table.add_row(escape(SHIPPED_PREFIX + name), escape(describe_rule_file(path)))
+    print_table(out(), table)
 
 
 def _give_back_freed_tensors() -> None:
@@ -537,7 +690,17 @@ def _give_back_freed_tensors() -> None:
     mallopt(m_mmap_threshold, 4 << 20)
 
 
+def _die_quietly_on_broken_pipes() -> None:
+    """`ckptmap plan ... | head` ends as `cat` would: killed by SIGPIPE when the reader goes,
+    not a traceback and exit 1 (1 means "the plan has problems")."""
+    import signal
+
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
 def main() -> None:
+    _die_quietly_on_broken_pipes()
     _give_back_freed_tensors()
     app()
 

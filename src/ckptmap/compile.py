@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import RuleCompileError, Span, line_of
+from .errors import RuleCompileError, RuleSyntaxError, Span, UsageError, line_of
 from .ops import Op, OpArgError, make
 from .patterns import Matcher, PatternError, Template
 from .rules import (
+    ACTIONS,
     Freeze,
     Include,
     Init,
@@ -34,12 +35,18 @@ from .rules import (
     quote,
     regex_literal,
 )
+from .shipped import SHIPPED_PREFIX, shipped_rule_file
 from .syntax import load_rules, parse
 
 if TYPE_CHECKING:
     from .plan import Plan
 
-DEFAULT_POLICIES = {"mismatch": "error", "missing": "error", "unexpected": "error"}
+DEFAULT_POLICIES = {
+    "mismatch": "error",
+    "missing": "error",
+    "unexpected": "error",
+    "unused": "error",
+}
 
 SKIP = object()  # what a `skip` step returns for a key it drops
 
@@ -116,6 +123,7 @@ class Program:
         on_mismatch: str | None = None,
         on_missing: str | None = None,
         on_unexpected: str | None = None,
+        on_unused: str | None = None,
     ) -> Plan:
         """Bind the rules to a source (and optionally a target): names, shapes and dtypes only.
 
@@ -124,21 +132,35 @@ class Program:
         """
         from .plan import _no_gc, build_plan, describe
 
-        policies = dict(self.policies)
-        for problem, action in (
-            ("mismatch", on_mismatch),
-            ("missing", on_missing),
-            ("unexpected", on_unexpected),
-        ):
-            if action is not None:
-                Policy(problem, action)  # validates the word
-                policies[problem] = action
+        policies = overridden(
+            self.policies,
+            mismatch=on_mismatch,
+            missing=on_missing,
+            unexpected=on_unexpected,
+            unused=on_unused,
+        )
         with _no_gc():  # headers and plans: many small objects, none of them garbage
             target_desc = describe(target, role="target") if target is not None else None
             return build_plan(self, describe(source, role="source"), target_desc, policies)
 
     def __repr__(self) -> str:
         return f"<Program {len(self.rules)} rules {self.fingerprint[:19]}>"
+
+
+def overridden(policies: dict[str, str], **actions: str | None) -> dict[str, str]:
+    """`policies` with the per-call actions that are given (`on_missing="warn"`), checked."""
+    out = dict(policies)
+    for problem, action in actions.items():
+        if action is None:
+            continue
+        if action not in ACTIONS[problem]:
+            raise UsageError(
+                f"on_{problem}={action!r}: on_{problem} takes "
+                + ", ".join(repr(a) for a in ACTIONS[problem]),
+                code="CKM002",
+            )
+        out[problem] = action
+    return out
 
 
 # --- passes --------------------------------------------------------------------------------
@@ -148,14 +170,27 @@ def splice_includes(
     ruleset: Ruleset, stack: tuple[Path, ...] = ()
 ) -> Iterator[tuple[Statement, str | None]]:
     """Every statement (with its file's text), `include` replaced by the included statements."""
-    base = Path(ruleset.file).parent if ruleset.file else Path.cwd()
-    if not stack and ruleset.file:
-        stack = (Path(ruleset.file).resolve(),)
+    where = ruleset.file
+    if where and where.startswith(SHIPPED_PREFIX):  # its own includes are relative to it
+        where = str(shipped_rule_file(where))
+    base = Path(where).parent if where else Path.cwd()
+    if not stack and where:
+        stack = (Path(where).resolve(),)
     for statement in ruleset.rules:
         if not isinstance(statement, Include):
             yield statement, ruleset.text
             continue
         here = ruleset.text
+        if statement.path.startswith(SHIPPED_PREFIX):  # a rule file that ships with ckptmap
+            try:
+                shipped = shipped_rule_file(statement.path)
+            except RuleSyntaxError as e:
+                raise _error("CKM206", e.message, statement.span, here, hint=e.hint) from None
+            if shipped.resolve() in stack:
+                chain = " -> ".join(p.name for p in (*stack, shipped))
+                raise _error("CKM204", f"include cycle: {chain}", statement.span, here)
+            yield from splice_includes(load_rules(statement.path), (*stack, shipped.resolve()))
+            continue
         folder = base.resolve()
         path = (folder / statement.path).resolve()
         if not path.is_relative_to(folder):
@@ -191,7 +226,8 @@ def compile_rule(number: int, statement: Statement, text: str | None = None) -> 
         try:
             template = Template(statement.target)
         except PatternError as e:
-            raise _target_error(e, statement, text, e.message) from None
+            hint = _capture_hint(statement) if e.code == "CKM212" else None
+            raise _target_error(e, statement, text, e.message, hint=hint) from None
         for name, offset in template.refs:
             if name not in matcher.names:
                 bound = ", ".join(f"{{{n}}}" for n in sorted(matcher.names, key=_capture_order))
@@ -218,7 +254,34 @@ def _template(target: str, statement: Statement, text: str | None) -> Template:
     try:
         return Template(target)
     except PatternError as e:
-        raise _error(e.code, f"{e.message} (target {target!r})", statement.span, text) from None
+        hint = _CAPTURE_EXAMPLE if e.code == "CKM212" else None
+        raise _error(
+            e.code, f"{e.message} (target {target!r})", statement.span, text, hint=hint
+        ) from None
+
+
+_CAPTURE_EXAMPLE = (
+    'capture in the pattern, name it in the target: "blocks.{i}.attn" -> "layers.{i}.attn"'
+)
+
+
+def _capture_hint(statement: Rename) -> str:
+    """The rename with each `*` (in pattern and target alike) as a named capture, when
+    they pair up; else the general example."""
+    pattern = statement.pattern
+    stars = statement.target.count("*")
+    if pattern.regex or "**" in pattern.text or pattern.text.count("*") != stars:
+        return _CAPTURE_EXAMPLE
+    fixed = []
+    for text in (pattern.text, statement.target):
+        parts = text.split("*")
+        fixed.append(
+            "".join(
+                p + (f"{{{n}}}" if k < stars else "")
+                for k, (p, n) in enumerate(zip(parts, "ijklmnpqrst", strict=False))
+            )
+        )
+    return f"write: rename {quote(fixed[0])} -> {quote(fixed[1])}"
 
 
 _KINDS = {"one": "one-to-one", "merge": "many-to-one", "split": "one-to-many"}
@@ -334,7 +397,7 @@ def compile(rules: Any) -> Program:
     elif isinstance(rules, str):
         rules = parse(rules)
     elif not isinstance(rules, Ruleset):
-        raise TypeError(
+        raise UsageError(
             f"rules must be a Ruleset, a Program, rule text or a Path, not {type(rules).__name__}"
         )
     statements = list(splice_includes(rules))

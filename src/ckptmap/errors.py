@@ -80,6 +80,14 @@ class CkptmapError(Exception):
         return "\n".join(out)
 
 
+class UsageError(CkptmapError, TypeError, ValueError):
+    """A public function called with an argument it cannot take: a wrong type, an unknown
+    policy word. (Also a TypeError and a ValueError, as Python's own would be.)"""
+
+    code = "CKM001"
+    phase = "usage"
+
+
 class RuleSyntaxError(CkptmapError):
     """A rule file (DSL, YAML or JSON) that cannot be read as rules."""
 

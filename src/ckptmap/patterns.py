@@ -191,6 +191,13 @@ class Template:
                 raise PatternError(
                     "`}` without `{` in the target (write `}}` for a brace)", i, "CKM207"
                 )
+            elif ch == "*":  # it would be written as is: every key would land on one name
+                raise PatternError(
+                    "`*` in a target: wildcards match in patterns; a target names what it "
+                    "keeps with {captures}",
+                    i,
+                    "CKM212",
+                )
             else:
                 literal.append(ch)
                 i += 1

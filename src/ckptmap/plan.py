@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from pydantic import BaseModel
 
-from .errors import PlanError, Span
+from .errors import PlanError, Span, UsageError
 from .ops import Meta, Op, OpError
 from .patterns import Matcher, PatternError
+from .rules import Strip, arg_text
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ def describe(obj: Any, role: str = "source") -> Described:
     if isinstance(obj, Mapping):
         tensors = {k: v for k, v in obj.items() if torch and isinstance(v, torch.Tensor)}
         return Described(_meta_of(obj, role), _ties(tensors))
-    raise TypeError(
+    raise UsageError(
         f"{role} must be a state_dict, a {{name: shape}} mapping, an nn.Module or a checkpoint "
         f"path, not {type(obj).__name__}"
     )
@@ -88,7 +89,7 @@ def _meta_of(mapping: Mapping[str, Any], role: str) -> dict[str, TensorMeta]:
     out: dict[str, TensorMeta] = {}
     for key, value in mapping.items():
         if not isinstance(key, str):
-            raise TypeError(f"{role} keys must be strings, got {key!r}")
+            raise UsageError(f"{role} keys must be strings, got {key!r}")
         if isinstance(value, tensor):
             out[key] = TensorMeta(tuple(value.shape), dtype_name(value.dtype))
         elif isinstance(value, TensorMeta):
@@ -96,7 +97,7 @@ def _meta_of(mapping: Mapping[str, Any], role: str) -> dict[str, TensorMeta]:
         elif isinstance(value, (tuple, list)) and all(isinstance(d, int) and d >= 0 for d in value):
             out[key] = TensorMeta(tuple(value))
         else:
-            raise TypeError(
+            raise UsageError(
                 f"{role} entry {key!r} is a {type(value).__name__}, not a tensor or a shape"
             )
     return out
@@ -167,8 +168,10 @@ class SourceEntry:
     target: str  # the name it ends under (merged: the merged tensor; split: the first piece)
     shape: list[int]
     dtype: str | None = None
-    status: Literal["loaded", "skipped", "unexpected"]
-    reason: Literal["skip", "init", "mismatch"] | None = None
+    status: Literal["loaded", "skipped", "unexpected", "failed"]
+    reason: (
+        Literal["skip", "init", "mismatch", "op", "merge", "split", "name", "conflict"] | None
+    ) = None
     rules: list[int] = field(default_factory=list)  # the rules that matched this key, in order
 
 
@@ -181,8 +184,9 @@ class OutputEntry:
     shape: list[int]
     dtype: str | None = None
     sources: list[str]
-    status: Literal["loaded", "skipped", "unexpected"]
-    reason: Literal["init", "mismatch"] | None = None
+    # failed: a problem of the plan stops it (an op that does not fit, two sources on one name)
+    status: Literal["loaded", "skipped", "unexpected", "failed"]
+    reason: Literal["init", "mismatch", "op", "merge", "split", "name", "conflict"] | None = None
     rules: list[int] = field(default_factory=list)
 
 
@@ -195,7 +199,7 @@ class TargetEntry:
     dtype: str | None = None
     status: Literal["loaded", "initialized", "missing"]
     sources: list[str] = field(default_factory=list)
-    reason: Literal["tied", "init", "mismatch"] | None = None
+    reason: Literal["tied", "init", "mismatch", "failed"] | None = None  # failed: its provider did
     tied_to: str | None = None
     rules: list[int] = field(default_factory=list)
 
@@ -205,7 +209,16 @@ class Problem(BaseModel):
 
     code: str
     kind: Literal[
-        "conflict", "mismatch", "missing", "unexpected", "name", "op", "merge", "split", "lossy"
+        "conflict",
+        "mismatch",
+        "missing",
+        "unexpected",
+        "unused",
+        "name",
+        "op",
+        "merge",
+        "split",
+        "lossy",
     ]
     severity: Literal["error", "warning"]
     message: str
@@ -277,7 +290,35 @@ class Plan(BaseModel):
         return self
 
     def to_json(self, indent: int | None = 2) -> str:
+        """The plan as JSON (what `ckptmap plan --json` prints); `Plan.from_json` reads it."""
         return self.model_dump_json(indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: Any = None) -> Plan:
+        """A plan saved with `to_json` / `plan --json`, checked against its own fingerprint
+        (a plan edited by hand or cut short is refused)."""
+        from pydantic import ValidationError
+
+        from .errors import CheckpointError
+
+        name = f"{where}: " if where is not None else ""
+        try:
+            plan = cls.model_validate_json(text)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise CheckpointError(
+                f"{name}not a ckptmap plan ({field}: {err['msg']})",
+                code="CKM542",
+                hint="save one with `ckptmap plan RULES -s SOURCE --json > plan.json`",
+            ) from None
+        if plan.fingerprint != fingerprint_of(plan):
+            raise CheckpointError(
+                f"{name}the plan's content does not match its fingerprint {plan.fingerprint[:19]} "
+                "(edited or cut short)",
+                code="CKM542",
+            )
+        return plan
 
     def report(self, frozen: list[str] | None = None) -> Report:
         from .report import Report
@@ -362,6 +403,7 @@ class _Node:
     rules: list[int]
     order: tuple[int, ...] = ()  # where it stands in the output: source index, then piece
     template: str | None = None  # its name with every digit as '#': its bucket
+    failed: str | None = None  # the kind of problem that stopped it (op, merge, split)
 
 
 # Keys that differ only in their numbers (layer 0..79, expert 0..255) share a template;
@@ -477,6 +519,7 @@ class _Builder:
         self.used: set[int] = set()
         self.dropped: list[_Node] = []  # skipped by a `skip` rule
         self.source_values: dict[str, int] = {}
+        self._made_by: tuple[list, dict[int, Step], dict[int, str]] | None = None
         self.buckets: dict[str, list[_Node]] = defaultdict(list)
         values, buckets, meta = self.values, self.buckets, source.meta
         for index, key in enumerate(sorted(meta)):  # the loop every key goes through: inlined
@@ -563,6 +606,34 @@ class _Builder:
         )
         return ids
 
+    def history(self, value: int) -> str | None:
+        """How a value was made from the file's tensors, as text: `head.bias [10] | pad(0, 0, 3)`;
+        None when it is a source tensor as read."""
+        if not self.steps:
+            return None
+        if self._made_by is None or len(self._made_by[0]) != len(self.steps):
+            self._made_by = (
+                list(self.steps),
+                {out: step for step in self.steps for out in step.outputs},
+                {v: k for k, v in self.source_values.items()},
+            )
+        _, made_by, sources = self._made_by
+
+        def text(v: int) -> str:
+            step = made_by.get(v)
+            if step is None:
+                return f"{sources.get(v, '?')} {self.values[v].shape}"
+            ins = [text(i) for i in step.inputs]
+            before = ins[0] if len(ins) == 1 else "(" + ", ".join(ins) + ")"
+            op = f"{step.op}({', '.join(arg_text(a) for a in step.args)})"
+            return (
+                f"{before} | {op}"
+                if step.outputs == [v]
+                else f"{before} | {op}[{step.outputs.index(v)}]"
+            )
+
+        return text(value) if value in made_by else None
+
     def _chain(self, ops: tuple[Op, ...], rule: Rule, value: int, name: str) -> int | None:
         for op in ops:
             out = self._run(op, rule, [value], [name])
@@ -643,7 +714,9 @@ class _Builder:
             self.used.add(rule.id)
             n.rules.append(rule.id)
             value = self._chain(rule.ops, rule, n.value, n.name)
-            if value is not None:
+            if value is None:
+                n.failed = "op"
+            else:
                 n.value = value
 
     def _merge(self, rule: Rule) -> None:
@@ -661,6 +734,7 @@ class _Builder:
                 group = groups.setdefault(key, {})
                 captures.setdefault(key, m.captures)
                 if slot in group:
+                    _fail([group[slot], n], "merge", rule)
                     self.problems.append(
                         _problem(
                             "CKM307",
@@ -684,6 +758,7 @@ class _Builder:
                 order = sorted(group, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else s))
                 want = [str(i) for i in range(len(order))]
                 if order != want:
+                    _fail(group.values(), "merge", rule)
                     self.problems.append(
                         _problem(
                             "CKM307",
@@ -701,6 +776,7 @@ class _Builder:
                     rule.node.patterns[k] for k in range(len(rule.matchers)) if k not in group
                 ]
                 if missing:
+                    _fail(group.values(), "merge", rule)
                     names = ", ".join(p.to_text() for p in missing)
                     self.problems.append(
                         _problem(
@@ -719,6 +795,7 @@ class _Builder:
             out = self._run(rule.ops[0], rule, [m.value for m in members], names)
             value = out and self._chain(rule.ops[1:], rule, out[0], name)
             if value is None:
+                _fail(members, "op", rule)
                 continue
             rules = [*list(dict.fromkeys(r for m in members for r in m.rules)), rule.id]
             sources = tuple(dict.fromkeys(s for m in members for s in m.sources))  # merge order
@@ -738,6 +815,7 @@ class _Builder:
             value = self._chain(rule.ops[:-1], rule, n.value, n.name)
             pieces = None if value is None else self._run(rule.ops[-1], rule, [value], [n.name])
             if pieces is None:
+                _fail([n], "op", rule)
                 continue
             if rule.gather:
                 names = [
@@ -745,6 +823,7 @@ class _Builder:
                     for i in range(len(pieces))
                 ]
             elif len(rule.templates) != len(pieces):
+                _fail([n], "split", rule)
                 self.problems.append(
                     _problem(
                         "CKM309",
@@ -765,6 +844,14 @@ class _Builder:
                 for i, (nm, v) in enumerate(zip(names, pieces, strict=True))
             ]
         self._settle([], gone, new)
+
+
+def _fail(nodes: Any, kind: str, rule: Rule) -> None:
+    """Mark nodes stopped by a problem of `rule`: they are never shown as loaded."""
+    for n in nodes:
+        n.failed = n.failed or kind
+        if rule.id not in n.rules:
+            n.rules.append(rule.id)
 
 
 def _jsonable(arg: Any) -> Any:
@@ -812,7 +899,9 @@ def _build_plan(
     inits = program.inits
     for n in live:
         name = n.name
+        failed = n.failed
         if not name or name[0] == "." or name[-1] == "." or ".." in name:
+            failed = failed or "name"
             problems.append(
                 _problem(
                     "CKM305",
@@ -824,7 +913,9 @@ def _build_plan(
             )
         status, reason, rules = "loaded", None, list(n.rules)
         init = _first_match(inits, name) if inits else None
-        if init is not None:
+        if failed is not None:
+            status, reason = "failed", failed
+        elif init is not None:
             used.add(init.id)
             rules.append(init.id)
             status, reason = "skipped", "init"
@@ -861,10 +952,15 @@ def _build_plan(
                 sorted({r for o in group for r in o.rules}),
             )
         )
+        for o in group:
+            o.status, o.reason = "failed", "conflict"
+        del landing[name]
 
     targets = None
     if target is not None:
-        targets = _match_target(program, outputs, landing, target, policies, used, problems)
+        targets = _match_target(
+            program, builder, outputs, landing, target, policies, used, problems
+        )
 
     sources = _source_entries(builder, outputs, source)
 
@@ -890,6 +986,8 @@ def _build_plan(
         and r.node.keyword not in ("on", "include")
         and not (r.node.keyword == "init" and target is not None and _any_match(r, target.meta))
     ]
+    if unused and policies["unused"] != "ignore":
+        problems += _unused_problems(program, unused, source, outputs, targets, policies)
     plan = Plan(
         rules_fingerprint=program.fingerprint,
         rules=[RuleInfo(id=r.id, text=r.text, span=r.span) for r in program.rules],
@@ -912,7 +1010,7 @@ def _source_entries(
 ) -> list[SourceEntry]:
     """Each source's fate, from the tensors it ended in: loaded wins, then unexpected, then
     the first."""
-    rank = {"loaded": 0, "unexpected": 1}
+    rank = {"failed": -1, "loaded": 0, "unexpected": 1}
     fates: dict[str, tuple[int, str, str | None, str, list[int]]] = {}
 
     def offer(key: str, status: str, reason: str | None, name: str, rules: list[int]) -> None:
@@ -927,7 +1025,7 @@ def _source_entries(
     for o in outputs:
         if len(o.sources) == 1 and o.status == "loaded":  # most keys: one source, loaded
             held = fates.get(key := o.sources[0])
-            if held is None or held[0]:
+            if held is None or held[0] > 0:
                 fates[key] = (0, "loaded", None, o.target, o.rules)
         else:
             for s in o.sources:
@@ -945,7 +1043,7 @@ def _source_entries(
                 shape=list(meta.shape),
                 dtype=meta.dtype,
                 status=status,
-                reason=reason if status == "skipped" else None,
+                reason=reason if status in ("skipped", "failed") else None,
                 rules=list(rules),
             )
         )
@@ -954,6 +1052,7 @@ def _source_entries(
 
 def _match_target(
     program: Program,
+    builder: _Builder,
     outputs: list[OutputEntry],
     landing: dict[str, list[OutputEntry]],
     target: Described,
@@ -984,18 +1083,28 @@ def _match_target(
             o.status, o.reason = "skipped", "mismatch"
             mismatched[o.target] = o
             if policies["mismatch"] == "error":
+                history = builder.history(o.value)
+                if history is None:  # no op touched it: the file's shape is the one compared
+                    said = f"{what} {list(o.shape)} -> {o.target} expects {list(want.shape)}"
+                else:
+                    said = (
+                        f"{history} gives {list(o.shape)} for {o.target}, which expects "
+                        f"{list(want.shape)}"
+                    )
+                if o.rules:  # the rule that decided: the last to touch the tensor
+                    said += f" (via {program.rules[o.rules[-1]].where()})"
                 problems.append(
                     _problem(
                         "CKM302",
                         "mismatch",
-                        f"shape mismatch: {what} {list(o.shape)} -> {o.target} expects "
-                        f"{list(want.shape)}",
+                        f"shape mismatch: {said}",
                         [*o.sources, o.target],
                         o.rules,
                     )
                 )
 
     out: dict[str, TargetEntry] = {}
+    failed = {o.target: o for o in outputs if o.status == "failed"}
     for name in sorted(target.meta):
         meta = target.meta[name]
         base = {"target": name, "shape": list(meta.shape), "dtype": meta.dtype}
@@ -1012,12 +1121,17 @@ def _match_target(
         elif (init := _first_match(program.inits, name)) is not None:
             used.add(init.id)
             out[name] = TargetEntry(**base, status="initialized", reason="init", rules=[init.id])
+        elif name in failed:  # its provider failed: that problem is the one to read
+            o = failed[name]
+            out[name] = TargetEntry(
+                **base, status="missing", sources=o.sources, reason="failed", rules=o.rules
+            )
         else:
             out[name] = TargetEntry(**base, status="missing")
 
     # a key that shares storage with a loaded key is loaded too (tied embeddings)
     for name, entry in out.items():
-        if entry.status != "missing":
+        if entry.status != "missing" or entry.reason == "failed":
             continue
         loaded_twin = next(
             (k for k in target.ties.get(name, ()) if k != name and out[k].status == "loaded"), None
@@ -1036,6 +1150,61 @@ def _match_target(
                 )
             )
     return list(out.values())
+
+
+def _unused_problems(
+    program: Program,
+    unused: list[int],
+    source: Described,
+    outputs: list[OutputEntry],
+    targets: list[TargetEntry] | None,
+    policies: dict[str, str],
+) -> list[Problem]:
+    """Each unused rule that is not `optional`, with the keys it nearly matched: first the
+    unexpected and missing ones (where a typo's key would be), then any source key."""
+    troubled = [o.target for o in outputs if o.status == "unexpected"]
+    troubled += [t.target for t in targets or () if t.status == "missing"]
+    pools = [troubled, list(source.meta), [o.target for o in outputs]]
+    found = []
+    for i in unused:
+        rule = program.rules[i]
+        if rule.node.optional:
+            continue
+        near = next((n for pool in pools if (n := _near_misses(rule, pool))), [])
+        said = f"unused rule: {rule.where()} matches no key"
+        if near:
+            said += "; did you mean " + " or ".join(near) + "?"
+        found.append(_problem("CKM310", "unused", said, [], [i], policies["unused"]))
+    return found
+
+
+def _near_misses(rule: Rule, keys: list[str]) -> list[str]:
+    """Leading parts of `keys` that read almost like the rule's pattern (numbers, `*` and
+    `{captures}` compared as one placeholder), each with an example key."""
+    import difflib
+    import re
+
+    node = rule.node
+    text = getattr(node, "prefix", None)
+    if text is None:
+        pattern = (getattr(node, "patterns", None) or (getattr(node, "pattern", None),))[0]
+        if pattern is None or pattern.regex:
+            return []
+        text = pattern.text
+    placeholder = re.compile(r"\{[^}]*\}|\*+|\d+")
+    dot = "." if isinstance(node, Strip) and text.endswith(".") else ""  # `strip "module."`
+    width = text.removesuffix(dot).count(".") + 1
+    heads: dict[str, tuple[str, str]] = {}
+    for key in sorted(set(keys)):  # sorted: the same plan whatever order the keys came in
+        head = ".".join(key.split(".")[:width]) + dot
+        heads.setdefault(placeholder.sub("#", head), (head, key))
+    wanted = placeholder.sub("#", text)
+    close = difflib.get_close_matches(wanted, list(heads), n=3, cutoff=0.75)
+    out = []
+    for c in close:
+        head, key = heads[c]
+        out.append(f"{head!r} (as in {key})" if head != key else repr(key))
+    return out
 
 
 def _problem(code, kind, message, keys, rules, action: str = "error") -> Problem:

@@ -62,6 +62,16 @@ class Unexpected(BaseModel):
     rules: list[RuleRef] = []
 
 
+class Failed(BaseModel):
+    """A source tensor a problem of the plan stopped (an op that does not fit, two sources on
+    one name): only a plan with errors has these, and such a plan is never executed."""
+
+    source: str
+    target: str
+    reason: str
+    rules: list[RuleRef] = []
+
+
 class Missing(BaseModel):
     """A target key that nothing provides."""
 
@@ -93,6 +103,7 @@ class Report(BaseModel):
     loaded: list[Loaded] = []
     skipped: list[Skipped] = []
     unexpected: list[Unexpected] = []
+    failed: list[Failed] = []
     missing: list[Missing] = []
     initialized: list[Initialized] = []
     mismatched: list[Mismatched] = []
@@ -142,18 +153,19 @@ class Report(BaseModel):
                     )
                 )
         for e in plan.sources:
-            if e.status == "skipped":
-                report.skipped.append(
-                    Skipped(
-                        source=e.source,
-                        target=e.target,
-                        reason=e.reason or "skip",
-                        rules=refs(e.rules),
-                    )
-                )
-            elif e.status == "unexpected":
+            if e.status == "unexpected":
                 report.unexpected.append(
                     Unexpected(source=e.source, target=e.target, rules=refs(e.rules))
+                )
+            elif e.status in ("skipped", "failed"):  # each with the reason it was stopped
+                kind, default = (Skipped, "skip") if e.status == "skipped" else (Failed, "error")
+                getattr(report, e.status).append(
+                    kind(
+                        source=e.source,
+                        target=e.target,
+                        reason=e.reason or default,
+                        rules=refs(e.rules),
+                    )
                 )
         for t in plan.targets or ():
             if t.status == "loaded" and t.reason == "tied":
@@ -180,6 +192,7 @@ class Report(BaseModel):
             [*loaded_sources]
             + [e.source for e in self.skipped]
             + [e.source for e in self.unexpected]
+            + [e.source for e in self.failed]
         )
         target_keys = sorted(target_keys)
         if not target_keys:
@@ -205,6 +218,8 @@ class Report(BaseModel):
             ("mismatched", len(self.mismatched)),
             ("frozen", len(self.frozen)),
         ]
+        if self.failed:  # a plan with errors, looked at: say what its problems stopped
+            counts.insert(3, ("failed", len(self.failed)))
         lines = ["ckptmap report: " + ", ".join(f"{n} {what}" for what, n in counts)]
 
         def section(title: str, keys: list[str], by: dict[str, list[str]] | None = None) -> None:
@@ -219,6 +234,7 @@ class Report(BaseModel):
         section("loaded", [e.target for e in self.loaded])
         section("skipped", [e.source for e in self.skipped], _by_rule(self.skipped, "source"))
         section("unexpected", [e.source for e in self.unexpected])
+        section("failed", [e.source for e in self.failed], _by_rule(self.failed, "source"))
         section("missing", [e.target for e in self.missing])
         section(
             "initialized",
@@ -249,6 +265,8 @@ def _by_rule(entries: list, attr: str) -> dict[str, list[str]]:
         why = str(e.rules[-1]) if e.rules else ""
         if e.reason == "mismatch":
             why = "on mismatch skip"
+        elif isinstance(e, Failed):
+            why = f"{e.reason}: {why}" if why else e.reason
         groups[why].append(getattr(e, attr))
     return dict(groups)
 
@@ -379,16 +397,26 @@ def render_problems(
     return lines
 
 
+def shape_change(before: list[list[int]], after: list[int]) -> str:
+    """`[64, 192] -> [192, 64]` where ops changed the shape (merges: `[8, 8] + [2, 8] -> …`);
+    the shape alone where they did not."""
+    if (len(before) == 1 and before[0] == after) or not before:
+        return str(list(after))
+    return " + ".join(str(list(b)) for b in before) + f" -> {list(after)}"
+
+
 def render_plan(plan: Plan) -> str:
     """One line per tensor the plan makes (sources -> target, shape, status, rules), then the rest."""
     n_out = len(plan.outputs)
     lines = [f"plan {plan.fingerprint[:19]}  ({len(plan.sources)} source keys, {n_out} outputs)"]
+    shapes = {e.source: e.shape for e in plan.sources}
     for o in plan.outputs:
         made_of = " + ".join(o.sources)
         status = o.status if not o.reason else f"{o.status} ({o.reason})"
         arrow = o.target if made_of == o.target else f"{made_of} -> {o.target}"
         via = "; ".join(plan.rules[i].text for i in o.rules)
-        lines.append(f"  {arrow}  {o.shape}  {status}" + (f"  [{via}]" if via else ""))
+        shape = shape_change([shapes[s] for s in o.sources if s in shapes], o.shape)
+        lines.append(f"  {arrow}  {shape}  {status}" + (f"  [{via}]" if via else ""))
     for e in plan.sources:
         if e.reason == "skip":
             via = "; ".join(plan.rules[i].text for i in e.rules)

@@ -17,13 +17,21 @@ when they say the same thing.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from .errors import Span
+from .errors import RuleSyntaxError, Span, UsageError
 
 LANGUAGE_VERSION = 1
 
@@ -41,11 +49,14 @@ class Node(BaseModel):
 
     def __init__(self, *args: Any, **data: Any):
         if len(args) > len(self._positional):
-            raise TypeError(
+            raise UsageError(
                 f"{type(self).__name__} takes at most {len(self._positional)} positional arguments"
             )
         data.update(zip(self._positional, args, strict=False))
-        super().__init__(**data)
+        try:
+            super().__init__(**data)
+        except ValidationError as e:  # every error ckptmap raises is a CkptmapError
+            raise invalid_node(type(self), e) from None
 
     def _key(self) -> tuple:
         return tuple(
@@ -59,6 +70,18 @@ class Node(BaseModel):
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, self._key()))
+
+
+def invalid_node(cls: type, e: ValidationError) -> RuleSyntaxError:
+    """A pydantic error on building an IR node, as one `RuleSyntaxError` naming the field."""
+    err = e.errors()[0]
+    message = err["msg"].removeprefix("Value error, ")
+    field = ".".join(str(p) for p in err["loc"])
+    if field and err["type"] != "value_error":
+        message = f"{field}: {message}"
+    what = getattr(cls, "keyword", None)
+    what = f"{what} statement" if what else {"OpCall": "op"}.get(cls.__name__, cls.__name__.lower())
+    return RuleSyntaxError(f"invalid {what}: {message}", code="CKM108")
 
 
 class Pattern(Node):
@@ -102,14 +125,35 @@ def _as_pattern(value: Any) -> Any:
 
 
 class Statement(Node):
-    """One line of a rule file."""
+    """One line of a rule file.
+
+    `optional` marks a rule that may match nothing (a wrapper prefix that only
+    some checkpoints have): it is never an unused-rule problem. Written
+    `optional strip "module."`, or `optional: true` beside the statement in YAML.
+    """
 
     keyword: ClassVar[str]
+    optionable: ClassVar[bool] = True  # whether `optional` makes sense for this statement
+
+    optional: bool = False
+
+    @model_validator(mode="after")
+    def _optional_fits(self) -> Statement:
+        if self.optional and not self.optionable:
+            raise ValueError(f"{self.keyword} cannot be optional: it never matches nothing")
+        return self
 
     def to_text(self) -> str:
-        raise NotImplementedError
+        return ("optional " if self.optional else "") + self._text()
 
     def to_yaml(self) -> dict[str, Any]:
+        doc = self._yaml()
+        return {**doc, "optional": True} if self.optional else doc
+
+    def _text(self) -> str:
+        raise NotImplementedError
+
+    def _yaml(self) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -126,10 +170,10 @@ class _LiteralStatement(Statement):
             raise ValueError(f"{cls.keyword} needs a non-empty string")
         return prefix
 
-    def to_text(self) -> str:
+    def _text(self) -> str:
         return f"{self.keyword} {quote(self.prefix)}"
 
-    def to_yaml(self) -> dict[str, Any]:
+    def _yaml(self) -> dict[str, Any]:
         return {self.keyword: self.prefix}
 
 
@@ -143,6 +187,7 @@ class Prefix(_LiteralStatement):
     """Prepend `prefix` to every key (`prefix "encoder."`)."""
 
     keyword = "prefix"
+    optionable = False
 
 
 class _PatternStatement(Statement):
@@ -154,10 +199,10 @@ class _PatternStatement(Statement):
     def _coerce(cls, value: Any) -> Any:
         return _as_pattern(value)
 
-    def to_text(self) -> str:
+    def _text(self) -> str:
         return f"{self.keyword} {self.pattern.to_text()}"
 
-    def to_yaml(self) -> dict[str, Any]:
+    def _yaml(self) -> dict[str, Any]:
         return {self.keyword: self.pattern.to_yaml()}
 
 
@@ -168,10 +213,10 @@ class Rename(_PatternStatement):
     _positional = ("pattern", "target")
     target: str
 
-    def to_text(self) -> str:
+    def _text(self) -> str:
         return f"rename {self.pattern.to_text()} -> {quote(self.target)}"
 
-    def to_yaml(self) -> dict[str, Any]:
+    def _yaml(self) -> dict[str, Any]:
         return {"rename": {"from": self.pattern.to_yaml(), "to": self.target}}
 
 
@@ -241,15 +286,15 @@ class OpCall(Node):
         return tuple(_op_arg(a) for a in args)
 
     def to_text(self) -> str:
-        return f"{self.name}({', '.join(_arg_text(a) for a in self.args)})"
+        return f"{self.name}({', '.join(arg_text(a) for a in self.args)})"
 
     def to_yaml(self) -> dict[str, Any]:
         return {self.name: [_arg_yaml(a) for a in self.args]}
 
 
-def _arg_text(arg: Any) -> str:
+def arg_text(arg: Any) -> str:
     if isinstance(arg, tuple):
-        return "[" + ", ".join(_arg_text(a) for a in arg) + "]"
+        return "[" + ", ".join(arg_text(a) for a in arg) + "]"
     return repr(arg) if isinstance(arg, float) else str(arg)
 
 
@@ -278,10 +323,10 @@ class Transform(_OpsStatement, _PatternStatement):
     keyword = "transform"
     _positional = ("pattern", "ops")
 
-    def to_text(self) -> str:
+    def _text(self) -> str:
         return f"transform {self.pattern.to_text()}{_ops_text(self.ops)}"
 
-    def to_yaml(self) -> dict[str, Any]:
+    def _yaml(self) -> dict[str, Any]:
         return {
             "transform": {"from": self.pattern.to_yaml(), "ops": [op.to_yaml() for op in self.ops]}
         }
@@ -307,11 +352,11 @@ class Merge(_OpsStatement):
             raise ValueError("merge needs at least one source pattern")
         return value
 
-    def to_text(self) -> str:
+    def _text(self) -> str:
         sources = ", ".join(p.to_text() for p in self.patterns)
         return f"merge {sources} -> {quote(self.target)}{_ops_text(self.ops)}"
 
-    def to_yaml(self) -> dict[str, Any]:
+    def _yaml(self) -> dict[str, Any]:
         return {
             "merge": {
                 "from": [p.to_yaml() for p in self.patterns],
@@ -335,11 +380,11 @@ class Split(_OpsStatement, _PatternStatement):
             raise ValueError("split needs at least one target")
         return value
 
-    def to_text(self) -> str:
+    def _text(self) -> str:
         targets = ", ".join(quote(t) for t in self.targets)
         return f"split {self.pattern.to_text()} -> {targets}{_ops_text(self.ops)}"
 
-    def to_yaml(self) -> dict[str, Any]:
+    def _yaml(self) -> dict[str, Any]:
         return {
             "split": {
                 "from": self.pattern.to_yaml(),
@@ -349,11 +394,12 @@ class Split(_OpsStatement, _PatternStatement):
         }
 
 
-PROBLEMS = ("mismatch", "missing", "unexpected")
+PROBLEMS = ("mismatch", "missing", "unexpected", "unused")
 ACTIONS: dict[str, tuple[str, ...]] = {
     "mismatch": ("error", "skip"),
     "missing": ("error", "warn", "ignore"),
     "unexpected": ("error", "warn", "ignore"),
+    "unused": ("error", "warn", "ignore"),
 }
 MismatchAction = Literal["error", "skip"]
 MissingAction = Literal["error", "warn", "ignore"]
@@ -363,8 +409,9 @@ class Policy(Statement):
     """`on missing warn`: what a problem of a kind does (error by default)."""
 
     keyword = "on"
+    optionable = False
     _positional = ("problem", "action")
-    problem: Literal["mismatch", "missing", "unexpected"]
+    problem: Literal["mismatch", "missing", "unexpected", "unused"]
     action: Literal["error", "skip", "warn", "ignore"]
 
     @model_validator(mode="after")
@@ -375,10 +422,10 @@ class Policy(Statement):
             )
         return self
 
-    def to_text(self) -> str:
+    def _text(self) -> str:
         return f"on {self.problem} {self.action}"
 
-    def to_yaml(self) -> dict[str, Any]:
+    def _yaml(self) -> dict[str, Any]:
         return {f"on_{self.problem}": self.action}
 
 
@@ -386,6 +433,7 @@ class Include(Statement):
     """Splice another rule file here; `path` is relative to the including file."""
 
     keyword = "include"
+    optionable = False
     _positional = ("path",)
     path: str
 
@@ -396,10 +444,10 @@ class Include(Statement):
             raise ValueError("include needs a file path")
         return path
 
-    def to_text(self) -> str:
+    def _text(self) -> str:
         return f"include {quote(self.path)}"
 
-    def to_yaml(self) -> dict[str, Any]:
+    def _yaml(self) -> dict[str, Any]:
         return {"include": self.path}
 
 
@@ -532,33 +580,59 @@ OpsForm = Annotated[
 ]
 
 
-class TransformArgs(BaseModel):
+def _ops_not_text(ops: Any) -> Any:
+    """`ops: ["transpose(0, 1)"]` is the DSL's spelling: say the YAML one, for this op."""
+    for i, op in enumerate(ops if isinstance(ops, list) else ()):
+        if isinstance(op, str):
+            example = "{transpose: [0, 1]}"
+            with contextlib.suppress(Exception):  # the op as YAML, when the text reads as an op
+                from .syntax import parse
+
+                (call,) = parse(f'transform "x" | {op}').rules[0].ops  # type: ignore[union-attr]
+                example = yaml.dump(call.to_yaml(), Dumper=_Dumper, default_flow_style=True).strip()
+            raise ValueError(
+                f"op {i + 1} is the text {op!r}; in YAML each op is a mapping "
+                f"{{name: [args]}}: write {example}"
+            )
+    return ops
+
+
+class _OpsArgs(BaseModel):
     model_config = _FORM
+    _text_ops = field_validator("ops", mode="before", check_fields=False)(_ops_not_text)
+
+
+class TransformArgs(_OpsArgs):
     from_: PatternForm = Field(alias="from")
     ops: OpsForm
 
 
-class MergeArgs(BaseModel):
-    model_config = _FORM
+class MergeArgs(_OpsArgs):
     from_: list[PatternForm] = Field(alias="from", min_length=1)
     to: str
     ops: OpsForm
 
 
-class SplitArgs(BaseModel):
-    model_config = _FORM
+class SplitArgs(_OpsArgs):
     from_: PatternForm = Field(alias="from")
     to: list[str] = Field(min_length=1)
     ops: OpsForm
 
 
-def _form(name: str, **fields: Any) -> type[BaseModel]:
-    return type(name, (BaseModel,), {"model_config": _FORM, "__annotations__": fields})
+_OPTIONAL = Annotated[bool, Field(description="The rule may match nothing (not an unused rule)")]
+
+
+def _form(name: str, optionable: bool = True, **fields: Any) -> type[BaseModel]:
+    namespace: dict[str, Any] = {"model_config": _FORM, "__annotations__": fields}
+    if optionable:
+        namespace["__annotations__"] = {**fields, "optional": _OPTIONAL}
+        namespace["optional"] = False
+    return type(name, (BaseModel,), namespace)
 
 
 FORMS: dict[str, type[BaseModel]] = {
     "strip": _form("StripForm", strip=Annotated[str, Field(min_length=1)]),
-    "prefix": _form("PrefixForm", prefix=Annotated[str, Field(min_length=1)]),
+    "prefix": _form("PrefixForm", False, prefix=Annotated[str, Field(min_length=1)]),
     "rename": _form("RenameForm", rename=RenameArgs),
     "skip": _form("SkipForm", skip=PatternForm),
     "transform": _form("TransformForm", transform=TransformArgs),
@@ -567,10 +641,11 @@ FORMS: dict[str, type[BaseModel]] = {
     "init": _form("InitForm", init=PatternForm),
     "freeze": _form("FreezeForm", freeze=PatternForm),
     "unfreeze": _form("UnfreezeForm", unfreeze=PatternForm),
-    "on_mismatch": _form("OnMismatchForm", on_mismatch=MismatchAction),
-    "on_missing": _form("OnMissingForm", on_missing=MissingAction),
-    "on_unexpected": _form("OnUnexpectedForm", on_unexpected=MissingAction),
-    "include": _form("IncludeForm", include=Annotated[str, Field(min_length=1)]),
+    "on_mismatch": _form("OnMismatchForm", False, on_mismatch=MismatchAction),
+    "on_missing": _form("OnMissingForm", False, on_missing=MissingAction),
+    "on_unexpected": _form("OnUnexpectedForm", False, on_unexpected=MissingAction),
+    "on_unused": _form("OnUnusedForm", False, on_unused=MissingAction),
+    "include": _form("IncludeForm", False, include=Annotated[str, Field(min_length=1)]),
 }
 
 
@@ -598,6 +673,13 @@ class RulesDocument(BaseModel):
 
 def statement_from_form(key: str, form: BaseModel, span: Span | None) -> Statement:
     """The IR node for one validated YAML item."""
+    statement = _statement_from_form(key, form, span)
+    if getattr(form, "optional", False):
+        return type(statement)(**{**dict(statement), "optional": True})
+    return statement
+
+
+def _statement_from_form(key: str, form: BaseModel, span: Span | None) -> Statement:
     value = getattr(form, key)
 
     def pattern(v: Any) -> Pattern:

@@ -18,7 +18,7 @@ from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
 from pydantic import ValidationError
 
-from .errors import CkptmapError, RuleSyntaxError, Span, line_of
+from .errors import CkptmapError, RuleSyntaxError, Span, UsageError, line_of
 from .rules import (
     ACTIONS,
     FORMS,
@@ -43,9 +43,9 @@ from .rules import (
     Unfreeze,
     statement_from_form,
 )
-from .shipped import shipped_file
+from .shipped import SHIPPED_PREFIX, shipped_file, shipped_rule_file
 
-KEYWORDS = ("ckptmap", *STATEMENTS)
+KEYWORDS = ("ckptmap", *STATEMENTS, "optional")
 _STRING = re.compile(r'"([^"\\\n]|\\[^\n])*"')
 RULE_SUFFIXES = {".ckmap": "dsl", ".yaml": "yaml", ".yml": "yaml", ".json": "yaml"}
 
@@ -65,12 +65,23 @@ def _parser() -> Lark:
 
 def parse(text: str, path: str | Path | None = None) -> Ruleset:
     """Parse rule text into a `Ruleset`; raises `RuleSyntaxError` with line and column."""
+    if not isinstance(text, str):
+        raise UsageError(
+            f"parse takes rule text (a str), not {type(text).__name__}",
+            hint="ckptmap.load_rules(path) reads a file",
+        )
     file = str(path) if path is not None else None
     if not text.strip():  # no rules (a plain load): no parser to build
         return Ruleset(file=file, text=text)
     try:
         tree = _parser().parse(text)
     except UnexpectedInput as e:
+        if path is None and _looks_like_a_file_name(text):
+            raise RuleSyntaxError(
+                f"{text.strip()!r} looks like a file name, but rules given as a str are rule text",
+                code="CKM114",
+                hint=f"pass a pathlib.Path to read a file: Path({text.strip()!r})",
+            ) from None
         raise _explain(e, text, file) from None
     try:
         return _ToIR(text, file).transform(tree)
@@ -96,6 +107,13 @@ _EXPECTED = {
     "_NL": "the end of the line",
     "$END": "the end of the file",
 }
+
+
+def _looks_like_a_file_name(text: str) -> bool:
+    name = text.strip()
+    return "\n" not in name and (
+        name.startswith(SHIPPED_PREFIX) or Path(name).suffix.lower() in RULE_SUFFIXES
+    )
 
 
 def _describe(token: Token) -> str:
@@ -222,11 +240,8 @@ class _ToIR(Transformer):
     def _node(self, cls: type, meta: Any, *args: Any) -> Any:
         try:
             return cls(*args, span=self._span(meta))
-        except ValidationError as e:
-            message = e.errors()[0]["msg"].removeprefix("Value error, ")
-            raise self._error(
-                "CKM108", f"invalid {cls.keyword} statement: {message}", meta
-            ) from None
+        except RuleSyntaxError as e:  # the node refused its fields: say where
+            raise self._error(e.code, e.message, meta) from None
 
     # rules ----------------------------------------------------------------------------
     def start(self, meta: Any, *items: Any) -> Ruleset:
@@ -251,6 +266,9 @@ class _ToIR(Transformer):
         if token.type == "REGEX":
             return Pattern(_unescape_regex(token.value[1:-1]), True, span=span)
         return Pattern(self._string(token), span=span)
+
+    def optional(self, meta: Any, statement: Any) -> Any:
+        return type(statement)(**{**dict(statement), "optional": True, "span": self._span(meta)})
 
     def strip(self, meta: Any, s: Token) -> Strip:
         return self._node(Strip, meta, self._string(s))
@@ -289,9 +307,8 @@ class _ToIR(Transformer):
     def op(self, meta: Any, name: Token, *args: Any) -> OpCall:
         try:
             return OpCall(name.value, args, span=self._span(meta))
-        except ValidationError as e:
-            message = e.errors()[0]["msg"].removeprefix("Value error, ")
-            raise self._error("CKM108", f"invalid op: {message}", meta) from None
+        except RuleSyntaxError as e:
+            raise self._error(e.code, e.message, meta) from None
 
     def number(self, meta: Any, token: Token) -> int | float:
         text = token.value
@@ -385,9 +402,14 @@ def parse_yaml(text: str, path: str | Path | None = None) -> Ruleset:
     items = _value_node(root, "rules")
     rules = []
     for item, node in zip(doc.rules, items.value if items else [], strict=False):
-        if not isinstance(item, dict) or len(item) != 1:
-            raise error("CKM110", "each rule is a mapping with exactly one statement key", node)
-        key = next(iter(item))
+        keys = [k for k in item if k != "optional"] if isinstance(item, dict) else []
+        if len(keys) != 1:
+            raise error(
+                "CKM110",
+                "each rule is a mapping with exactly one statement key (and `optional: true`)",
+                node,
+            )
+        key = keys[0]
         if key is True:  # YAML 1.1 reads a bare `on` as the boolean true
             raise error("CKM104", "`on:` reads as true in YAML", node, "write on_missing: warn")
         if key not in FORMS:
@@ -399,14 +421,13 @@ def parse_yaml(text: str, path: str | Path | None = None) -> Ruleset:
         except ValidationError as e:
             err = e.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
-            raise error(
-                "CKM108", f"invalid {key} statement ({where}): {err['msg']}", node
-            ) from None
+            message = err["msg"].removeprefix("Value error, ")
+            raise error("CKM108", f"invalid {key} statement ({where}): {message}", node) from None
         try:
             rules.append(statement_from_form(key, form, span_of(node)))
-        except ValidationError as e:
-            message = e.errors()[0]["msg"].removeprefix("Value error, ")
-            raise error("CKM108", f"invalid {key} statement: {message}", node) from None
+        except (RuleSyntaxError, ValueError) as e:
+            message = e.message if isinstance(e, RuleSyntaxError) else f"invalid {key}: {e}"
+            raise error("CKM108", message, node) from None
     return Ruleset(rules=tuple(rules), version=doc.ckptmap, file=file, text=text)
 
 
@@ -422,7 +443,15 @@ def _value_node(mapping: yaml.Node, key: str) -> yaml.Node | None:
 
 
 def load_rules(path: str | Path) -> Ruleset:
-    """Read a rule file: `.ckmap` (DSL), `.yaml`/`.yml` or `.json`, chosen by suffix."""
+    """Read a rule file: `.ckmap` (DSL), `.yaml`/`.yml` or `.json`, chosen by suffix.
+
+    `ckptmap:NAME` names a rule file that ships with ckptmap (`ckptmap rules` lists them).
+    """
+    if not isinstance(path, (str, Path)):
+        raise UsageError(f"load_rules takes a file path, not {type(path).__name__}")
+    if str(path).startswith(SHIPPED_PREFIX):
+        shipped = shipped_rule_file(str(path))  # named as the user named it, in spans too
+        return parse(shipped.read_text(encoding="utf-8"), str(path))
     path = Path(path)
     kind = RULE_SUFFIXES.get(path.suffix.lower())
     if kind is None:

@@ -29,6 +29,11 @@ class Checkpoint:
     def files(self) -> list[Path]:
         return [self.path]
 
+    @property
+    def metadata(self) -> dict[str, str]:
+        """What the file says about itself besides tensors (provenance, format notes)."""
+        return {}
+
     def meta(self) -> dict[str, TensorMeta]:
         raise NotImplementedError
 

@@ -180,19 +180,30 @@ class SafetensorsCheckpoint(Checkpoint):
 
     @cached_property
     def aliases(self) -> dict[str, str]:
-        """Tied tensors that a ckptmap writer stored once: {alias: stored name}."""
+        """Tied tensors stored once: {alias: stored name}.
+
+        Two writers say so: ckptmap (its `ckptmap.aliases` entry) and safetensors'
+        `save_model`, which drops all but one name of a tied group and records each
+        dropped name as a metadata entry `{dropped: kept}`, as its `load_model` reads it.
+        """
+        tensors = self.header
+        aliases = {
+            key: value
+            for key, value in self.metadata.items()
+            if key not in tensors and value in tensors and value != "__metadata__"
+        }
         raw = self.metadata.get(ALIASES_KEY)
         if raw is None:
-            return {}
+            return aliases
         try:
-            aliases = json.loads(raw)
-            assert isinstance(aliases, dict)
-            assert all(isinstance(v, str) and v in self.header for v in aliases.values())
+            ours = json.loads(raw)
+            assert isinstance(ours, dict)
+            assert all(isinstance(v, str) and v in tensors for v in ours.values())
         except (ValueError, AssertionError):
             raise CheckpointError(
                 f"{self.path}: malformed {ALIASES_KEY} metadata", code="CKM511"
             ) from None
-        return aliases
+        return {**aliases, **ours}
 
     def meta(self) -> dict[str, TensorMeta]:
         from ..plan import TensorMeta

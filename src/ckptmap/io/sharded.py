@@ -61,6 +61,17 @@ class ShardedCheckpoint(Checkpoint):
         return out
 
     @property
+    def metadata(self) -> dict[str, str]:
+        """The index's `metadata` (total_size, and a ckptmap writer's provenance)."""
+        try:
+            data = json.loads(self.index.read_text(encoding="utf-8")).get("metadata") or {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in data.items()}
+
+    @property
     def files(self) -> list[Path]:
         return [self.index, *sorted(set(self.weight_map.values()))]
 

@@ -39,14 +39,43 @@ def refuse_overwriting_source(out: Path, sources: Iterable[Path]) -> None:
             raise CheckpointError(f"{out}: refusing to write over the source {src}", code="CKM530")
 
 
-def check_destination(out: Path, sharded: bool) -> None:
-    """Fail early (before any work) on a destination that cannot be written."""
+def refuse_replacing(path: Path) -> None:
+    """An existing file is never replaced unless the caller says so (`--overwrite`)."""
+    if os.path.lexists(path):
+        raise CheckpointError(
+            f"{path}: already exists; pass --overwrite to replace it", code="CKM533"
+        )
+
+
+def _previous_sharded_output(folder: Path) -> bool:
+    """A folder that holds only a sharded checkpoint (index and shards): safe to replace."""
+    names = [p.name for p in folder.iterdir()]
+    return "model.safetensors.index.json" in names and all(
+        n == "model.safetensors.index.json" or re.fullmatch(r"model-\d+-of-\d+\.safetensors", n)
+        for n in names
+    )
+
+
+def check_destination(out: Path, sharded: bool, overwrite: bool = False) -> None:
+    """Fail early (before any work) on a destination that cannot be written.
+
+    An existing destination is refused unless `overwrite`; even then a folder is
+    replaced only when it holds nothing but a sharded checkpoint.
+    """
     out = Path(out)
     if sharded:
-        if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-            raise CheckpointError(
-                f"{out}: already exists; a sharded output needs a new folder", code="CKM531"
-            )
+        empty = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
+        if os.path.lexists(out) and not empty:
+            if not overwrite:
+                raise CheckpointError(
+                    f"{out}: already exists; pass --overwrite to replace it", code="CKM533"
+                )
+            if out.is_symlink() or not out.is_dir() or not _previous_sharded_output(out):
+                raise CheckpointError(
+                    f"{out}: already exists and holds more than a sharded checkpoint; "
+                    "not replaced, even with --overwrite",
+                    code="CKM533",
+                )
     elif out.suffix not in (".safetensors", *TORCH_SUFFIXES):
         raise CheckpointError(
             f"{out}: name a .safetensors or .pt file (or give --max-shard-size for a folder)",
@@ -54,6 +83,8 @@ def check_destination(out: Path, sharded: bool) -> None:
         )
     elif out.is_dir():
         raise CheckpointError(f"{out}: is a folder", code="CKM531")
+    elif not overwrite:
+        refuse_replacing(out)
     folder = out.parent
     if not folder.is_dir():
         raise CheckpointError(f"{out}: the folder {folder} does not exist", code="CKM531")
@@ -81,15 +112,16 @@ def save_checkpoint(
     aliases: dict[str, str] | None = None,
     max_shard_size: int | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write the tensors named in `items` (read one at a time through `fetch`), atomically.
 
     `aliases` maps a name to the name it is tied to: stored once, restored on read.
-    Returns the files written.
+    An existing `out` is replaced only with `overwrite`. Returns the files written.
     """
     out = Path(out)
     aliases = dict(aliases or {})
-    check_destination(out, sharded=max_shard_size is not None)
+    check_destination(out, sharded=max_shard_size is not None, overwrite=overwrite)
     _clean_stale_partials(out)
     if max_shard_size is not None:
         return _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes)
@@ -168,10 +200,17 @@ def _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
+        old = None
         if out.exists():
-            out.rmdir()  # checked empty above
+            if any(out.iterdir()):  # a previous sharded output, replaced (checked above)
+                old = out.parent / f".{out.name}{PARTIAL}old-{os.getpid()}"
+                os.replace(out, old)
+            else:
+                out.rmdir()
         os.replace(tmp, out)
         _fsync_dir(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"{out}: cannot write ({e.strerror})", code="CKM532") from None
