@@ -447,3 +447,12 @@ def test_tables_do_not_wrap_key_names_off_a_terminal(tmp_path):
     save_file({long: torch.zeros(2)}, path)
     narrow = CliRunner(env={"COLUMNS": "60"})
     assert long in narrow.invoke(app, ["inspect", str(path)]).output
+
+
+def test_a_reports_mismatch_shows_the_files_shape_and_the_ops_result():
+    plan = ckptmap.compile('transform "head.bias" | pad(0, 0, 3)\non mismatch skip').plan(
+        {"head.bias": [10]}, {"head.bias": [12]}
+    )
+    (m,) = plan.report().mismatched
+    assert (m.file_shapes, m.source_shape, m.target_shape) == ([[10]], [13], [12])
+    assert "  head.bias [10] -> [13] -> head.bias [12]" in str(plan.report())

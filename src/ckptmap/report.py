@@ -92,9 +92,10 @@ class Mismatched(BaseModel):
 
     source: str  # the sources, comma-separated when several made the tensor
     target: str
-    source_shape: list[int]
+    source_shape: list[int]  # the tensor the target would get (after the rules' ops)
     target_shape: list[int]
     rules: list[RuleRef] = []
+    file_shapes: list[list[int]] = []  # the sources' shapes in the file, where ops changed them
 
 
 class Report(BaseModel):
@@ -131,6 +132,7 @@ class Report(BaseModel):
 
         report = cls(plan_fingerprint=plan.fingerprint)
         targets = {t.target: t for t in plan.targets or ()}
+        in_file = {e.source: e.shape for e in plan.sources}
         for o in plan.outputs:
             if o.status == "loaded":
                 report.loaded.append(
@@ -150,6 +152,9 @@ class Report(BaseModel):
                         source_shape=o.shape,
                         target_shape=targets[o.target].shape,
                         rules=refs(o.rules),
+                        file_shapes=[]
+                        if [in_file[s] for s in o.sources] == [o.shape]
+                        else [in_file[s] for s in o.sources],
                     )
                 )
         for e in plan.sources:
@@ -245,7 +250,8 @@ class Report(BaseModel):
             lines.append(f"mismatched ({len(self.mismatched)}):")
             lines.extend(
                 summarize(
-                    f"  {m.source} {m.source_shape} -> {m.target} {m.target_shape}"
+                    f"  {m.source} {shape_change(m.file_shapes, m.source_shape)} -> "
+                    f"{m.target} {m.target_shape}"
                     for m in self.mismatched
                 )
             )
