@@ -464,7 +464,7 @@ def apply(
             check_destination,
             parse_size,
             provenance,
-            refuse_overwriting_source,
+            refuse_clobbering,
             refuse_replacing,
         )
 
@@ -480,7 +480,22 @@ def apply(
                 param_hint="--original",
             )
         ckpt = open_checkpoint(source, select)
-        refuse_overwriting_source(out_path, [ckpt.path, *ckpt.files])
+        reads: list[tuple[str, Path | None]] = [("source", p) for p in (ckpt.path, *ckpt.files)]
+        if saved_plan is not None:
+            reads.append(("saved plan", saved_plan))
+        else:
+            from .compile import compile
+
+            program = compile(list(rules or ()))
+            reads += [("rule file", p) for p in program.files]
+        the_target = None if reverse else _target(target)
+        if isinstance(the_target, Path):
+            reads += [("target", p) for p in (the_target, *open_checkpoint(the_target).files)]
+        elif target is not None and Path(target).is_file():
+            reads.append(("target", Path(target)))  # a {name: shape} JSON file
+        if reverse and original is not None:
+            reads += [("original", p) for p in (original, *open_checkpoint(original).files)]
+        refuse_clobbering([("--out", out_path), ("--report", report)], reads)
         check_destination(out_path, sharded=shard_size is not None, overwrite=overwrite)
         if report is not None and not overwrite:
             refuse_replacing(report)
@@ -491,9 +506,6 @@ def apply(
             forward = Plan.from_json(_read_text(saved_plan), saved_plan)
             rules_fingerprint = forward.rules_fingerprint
         else:
-            from .compile import compile
-
-            program = compile(list(rules or ()))
             rules_fingerprint = program.fingerprint
         unused = "error" if strict else None
         if reverse:
@@ -519,7 +531,7 @@ def apply(
         elif saved_plan is not None:
             the_plan = forward.check()
         else:
-            the_plan = program.plan(ckpt.describe(), _target(target), on_unused=unused).check()
+            the_plan = program.plan(ckpt.describe(), the_target, on_unused=unused).check()
         for note in ckpt.notes:  # known once the checkpoint has been opened
             console.print(f"note: {note}", markup=False)
         total = sum(_nbytes(o.shape, o.dtype) for o in the_plan.outputs if o.status == "loaded")

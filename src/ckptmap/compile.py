@@ -98,9 +98,10 @@ class Rule:
 class Program:
     """Compiled, checked rules; `plan(source, target)` binds them to concrete keys."""
 
-    def __init__(self, ruleset: Ruleset, rules: tuple[Rule, ...]):
+    def __init__(self, ruleset: Ruleset, rules: tuple[Rule, ...], files: tuple[Path, ...] = ()):
         self.ruleset = ruleset
         self.rules = rules
+        self.files = files  # the rule files read (includes too): inputs a writer must not touch
         pipeline = (Strip, Prefix, Rename, Skip, Transform, Merge, Split)
         self.steps = tuple(r for r in rules if isinstance(r.node, pipeline))
         self.inits = tuple(r for r in rules if isinstance(r.node, Init))
@@ -167,15 +168,18 @@ def overridden(policies: dict[str, str], **actions: str | None) -> dict[str, str
 
 
 def splice_includes(
-    ruleset: Ruleset, stack: tuple[Path, ...] = ()
+    ruleset: Ruleset, stack: tuple[Path, ...] = (), files: list[Path] | None = None
 ) -> Iterator[tuple[Statement, str | None]]:
-    """Every statement (with its file's text), `include` replaced by the included statements."""
+    """Every statement (with its file's text), `include` replaced by the included statements.
+    The files read are added to `files`."""
     where = ruleset.file
     if where and where.startswith(SHIPPED_PREFIX):  # its own includes are relative to it
         where = str(shipped_rule_file(where))
     base = Path(where).parent if where else Path.cwd()
     if not stack and where:
         stack = (Path(where).resolve(),)
+    if files is not None and where:
+        files.append(Path(where))
     for statement in ruleset.rules:
         if not isinstance(statement, Include):
             yield statement, ruleset.text
@@ -189,7 +193,9 @@ def splice_includes(
             if shipped.resolve() in stack:
                 chain = " -> ".join(p.name for p in (*stack, shipped))
                 raise _error("CKM204", f"include cycle: {chain}", statement.span, here)
-            yield from splice_includes(load_rules(statement.path), (*stack, shipped.resolve()))
+            yield from splice_includes(
+                load_rules(statement.path), (*stack, shipped.resolve()), files
+            )
             continue
         folder = base.resolve()
         path = (folder / statement.path).resolve()
@@ -207,7 +213,7 @@ def splice_includes(
         if not path.is_file():
             raise _error("CKM206", f"included file not found: {path}", statement.span, here)
         # spans name the file as the user would: relative to how the including file was named
-        yield from splice_includes(load_rules(base / statement.path), (*stack, path))
+        yield from splice_includes(load_rules(base / statement.path), (*stack, path), files)
 
 
 def compile_rule(number: int, statement: Statement, text: str | None = None) -> Rule:
@@ -387,11 +393,17 @@ def compile(rules: Any) -> Program:
     if isinstance(rules, Program):
         return rules
     if isinstance(rules, (list, tuple)):  # several rule sources, applied in order
-        statements = []
+        statements, files = [], []
         for part in rules:
-            statements += [(r.node, None) for r in compile(part).rules]
+            program = compile(part)
+            statements += [(r.node, None) for r in program.rules]
+            files += program.files
         merged = Ruleset(rules=tuple(s for s, _ in statements))
-        return Program(merged, tuple(compile_rule(i, s) for i, (s, _) in enumerate(statements)))
+        return Program(
+            merged,
+            tuple(compile_rule(i, s) for i, (s, _) in enumerate(statements)),
+            tuple(dict.fromkeys(files)),
+        )
     if isinstance(rules, Path):
         rules = load_rules(rules)
     elif isinstance(rules, str):
@@ -400,8 +412,13 @@ def compile(rules: Any) -> Program:
         raise UsageError(
             f"rules must be a Ruleset, a Program, rule text or a Path, not {type(rules).__name__}"
         )
-    statements = list(splice_includes(rules))
-    return Program(rules, tuple(compile_rule(i, s, t) for i, (s, t) in enumerate(statements)))
+    files: list[Path] = []
+    statements = list(splice_includes(rules, files=files))
+    return Program(
+        rules,
+        tuple(compile_rule(i, s, t) for i, (s, t) in enumerate(statements)),
+        tuple(dict.fromkeys(files)),
+    )
 
 
 # --- errors ----------------------------------------------------------------------------------

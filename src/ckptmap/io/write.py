@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,11 +33,55 @@ PARTIAL = ".ckptmap-partial-"
 
 def refuse_overwriting_source(out: Path, sources: Iterable[Path]) -> None:
     """The output may never be, contain, or sit inside a source: checked before any work."""
-    out = Path(out).resolve()
-    for src in sources:
-        src = Path(src).resolve()
-        if out == src or out.is_relative_to(src) or src.is_relative_to(out):
-            raise CheckpointError(f"{out}: refusing to write over the source {src}", code="CKM530")
+    refuse_clobbering([("output", out)], [("source", s) for s in sources])
+
+
+def refuse_clobbering(
+    outputs: Iterable[tuple[str, Path | None]], inputs: Iterable[tuple[str, Path | None]]
+) -> None:
+    """No path a command writes may be, contain, or lie inside a path it reads, nor be another
+    of its outputs: compared through symlinks (resolved) and hard links (same inode), before
+    anything runs. Each pair is (role, path) so the error says which option it was."""
+    outputs = [(role, Path(p)) for role, p in outputs if p is not None]
+    inputs = [(role, Path(p)) for role, p in inputs if p is not None]
+    for k, (role, out) in enumerate(outputs):
+        where = out.resolve()
+        for other_role, other in [*inputs, *outputs[k + 1 :]]:
+            there = other.resolve()
+            same = where == there or (_exists(out) and _exists(other) and _same_file(out, other))
+            if same or where.is_relative_to(there) or there.is_relative_to(where):
+                raise CheckpointError(
+                    f"{out}: refusing to write over the {other_role} {other}"
+                    + (f" (which is {there})" if there != other.absolute() else "")
+                    + f": the {role} must be somewhere else",
+                    code="CKM530",
+                    hint="every path a command writes must differ from every path it reads",
+                )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _exists(path: Path) -> bool:
+    return os.path.exists(path)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _create_exclusive(out: Path) -> tuple[int, Path]:
+    """A new file beside `out` under an unpredictable name, created with O_EXCL (so never
+    through a planted symlink), with the permissions a plain `open` would give."""
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}{PARTIAL}{os.getpid()}-", dir=out.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, Path(name)
 
 
 def refuse_replacing(path: Path) -> None:
@@ -125,9 +170,10 @@ def save_checkpoint(
     _clean_stale_partials(out)
     if max_shard_size is not None:
         return _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes)
-    tmp = out.parent / f".{out.name}{PARTIAL}{os.getpid()}"
+    tmp = None
     try:
-        with open(tmp, "wb", buffering=0) as f:  # unbuffered: raw copies go straight to the fd
+        fd, tmp = _create_exclusive(out)
+        with open(fd, "wb", buffering=0) as f:  # unbuffered: raw copies go straight to the fd
             if out.suffix == ".safetensors":
                 stored = [(n, m) for n, m in items if n not in aliases]
                 meta = dict(metadata)
@@ -141,10 +187,12 @@ def save_checkpoint(
         os.replace(tmp, out)
         _fsync_dir(out.parent)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise CheckpointError(f"{out}: cannot write ({e.strerror})", code="CKM532") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     return [out]
 
@@ -177,17 +225,18 @@ def _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes
         size += nbytes
     count = len(shards)
     names = [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-    tmp = out.parent / f".{out.name}{PARTIAL}{os.getpid()}"
+    tmp = None
     weight_map, total = {}, 0
     try:
-        tmp.mkdir()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL}{os.getpid()}-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
         for file, shard in zip(names, shards, strict=True):
             in_shard = {n for n, _ in shard}
             shard_aliases = {a: s for a, s in aliases.items() if s in in_shard}
             meta = dict(metadata)
             if shard_aliases:
                 meta[st.ALIASES_KEY] = json.dumps(shard_aliases, sort_keys=True)
-            with open(tmp / file, "wb", buffering=0) as f:
+            with open(tmp / file, "xb", buffering=0) as f:  # a new folder of our own
                 st.write(f, shard, fetch, meta, on_bytes)
                 f.flush()
                 os.fsync(f.fileno())
@@ -203,7 +252,7 @@ def _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes
         old = None
         if out.exists():
             if any(out.iterdir()):  # a previous sharded output, replaced (checked above)
-                old = out.parent / f".{out.name}{PARTIAL}old-{os.getpid()}"
+                old = out.parent / f".{out.name}{PARTIAL}{os.getpid()}-old-{os.urandom(4).hex()}"
                 os.replace(out, old)
             else:
                 out.rmdir()
@@ -212,10 +261,12 @@ def _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"{out}: cannot write ({e.strerror})", code="CKM532") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return [out / n for n in names] + [out / "model.safetensors.index.json"]
 
@@ -231,12 +282,12 @@ def _fsync_dir(folder: Path) -> None:
 def _clean_stale_partials(out: Path) -> None:
     """Remove what an earlier, killed write to the same destination left behind."""
     for partial in out.parent.glob(f".{out.name}{PARTIAL}*"):
-        pid = partial.name.rsplit("-", 1)[-1]
+        pid = partial.name.rsplit(PARTIAL, 1)[-1].split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
-            if partial.is_dir():
+            if partial.is_dir() and not partial.is_symlink():
                 shutil.rmtree(partial, ignore_errors=True)
             else:
-                partial.unlink(missing_ok=True)
+                partial.unlink(missing_ok=True)  # a file, or a link (never followed)
 
 
 def _alive(pid: int) -> bool:
@@ -280,13 +331,15 @@ def _sha256(path: Path) -> str:
 def write_text_atomically(path: Path, text: str) -> None:
     """Replace a text file (a rule file, a report) with no moment where it is half written."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}{PARTIAL}{os.getpid()}"
+    tmp = None
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        fd, tmp = _create_exclusive(path)
+        with open(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise CheckpointError(f"{path}: cannot write ({e.strerror})", code="CKM532") from None
