@@ -38,7 +38,7 @@ CHILD = textwrap.dedent(
             model = nn.ModuleDict({f"l{i}": nn.Linear(cols, rows, bias=False) for i in range(tensors)})
         return model.to_empty(device="cpu")
 
-    if what == "load_into":
+    if what.startswith("load_into"):
         floor = peak()  # interpreter, torch, ckptmap
         model = build()  # what the model itself costs once its memory is written
         with torch.no_grad():
@@ -47,7 +47,7 @@ CHILD = textwrap.dedent(
         before = floor + (peak() - floor)
         del model, p
         model = build()
-        ckptmap.load_into(model, path, 'strip "module."')
+        ckptmap.load_into(model, path, 'strip "module."', transactional=what == "load_into")
     else:
         program = ckptmap.compile(open(out + ".ckmap").read())
         ckpt = open_checkpoint(path)
@@ -83,13 +83,18 @@ def make_checkpoint(tmp_path):
 
 
 def test_load_into_holds_no_whole_state_dict(tmp_path):
-    """Peak: the floor, the model itself, about one tensor more; never a second checkpoint."""
+    """Peak: the floor, the model itself, about one tensor more; never a second checkpoint.
+    A transactional load (the default) adds its undo copy: the model's size once."""
     path = make_checkpoint(tmp_path)
-    m = run_child("load_into", path, tmp_path / "unused")
     largest = ROWS * COLS * 4
+    m = run_child("load_into_lean", path, tmp_path / "unused")
     # `before` is the floor plus a filled model of the same size (then freed): loading a
     # second model from the file may add at most two tensors on top of that
     assert m["after"] - m["before"] <= 2 * largest + 16 * MIB, m
+    m = run_child("load_into", path, tmp_path / "unused")
+    undo = TENSORS * largest
+    assert m["after"] - m["before"] <= undo + 2 * largest + 16 * MIB, m
+    assert m["after"] - m["before"] >= undo // 2, m  # the copy is really made
 
 
 def test_file_to_file_streams_one_tensor_at_a_time(tmp_path):

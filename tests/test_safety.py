@@ -148,3 +148,171 @@ def test_outputs_get_ordinary_permissions(inputs, tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+# --- 2. a load that fails leaves the model as it was -----------------------------------------
+
+from test_files import write_hf_sharded  # noqa: E402
+
+import ckptmap  # noqa: E402
+
+N_LAYERS = 5
+WHERE = {"first": 0, "middle": 2, "last": N_LAYERS - 1}
+
+
+def _model() -> torch.nn.Sequential:
+    torch.manual_seed(1)
+    layers = []
+    for _ in range(N_LAYERS):
+        layers += [torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8)]
+    return torch.nn.Sequential(*layers)
+
+
+def _layer(model: torch.nn.Sequential, where: str) -> torch.nn.Module:
+    return model[2 * WHERE[where]]
+
+
+def _snapshot(model: torch.nn.Module) -> dict:
+    return {
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "objects": [id(t) for t in model.state_dict(keep_vars=True).values()],
+        "flags": {n: p.requires_grad for n, p in model.named_parameters()},
+    }
+
+
+def _same(model: torch.nn.Module, before: dict) -> bool:
+    now = _snapshot(model)
+    return (
+        now["objects"] == before["objects"]
+        and now["flags"] == before["flags"]
+        and now["tensors"].keys() == before["tensors"].keys()
+        and all(
+            now["tensors"][k].dtype == v.dtype and torch.equal(now["tensors"][k], v)
+            for k, v in before["tensors"].items()
+        )
+    )
+
+
+def _pretrained() -> dict[str, torch.Tensor]:
+    torch.manual_seed(2)
+    return {k: torch.randn_like(v.float()).to(v.dtype) for k, v in _model().state_dict().items()}
+
+
+@pytest.fixture(params=["state_dict", "safetensors", "pt", "sharded"])
+def source(request, tmp_path):
+    sd = _pretrained()
+    if request.param == "state_dict":
+        return sd
+    if request.param == "safetensors":
+        save_file(sd, tmp_path / "w.safetensors")
+        return tmp_path / "w.safetensors"
+    if request.param == "pt":
+        torch.save(sd, tmp_path / "w.pt")
+        return tmp_path / "w.pt"
+    return write_hf_sharded(tmp_path / "sharded", sd, shards=3)
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _raise_in_load(module):
+    original = module._load_from_state_dict
+
+    def load(*args, **kwargs):
+        original(*args, **kwargs)  # it writes its tensors first, then fails
+        raise Boom("the module's own code failed")
+
+    module._load_from_state_dict = load
+
+
+def _report_an_error(module):
+    original = module._load_from_state_dict
+
+    def load(state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        original(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        errors.append(f"{prefix}weight: size mismatch, the module says [9, 9]")
+
+    module._load_from_state_dict = load
+
+
+FAULTS = {
+    "_load_from_state_dict raises": _raise_in_load,
+    "_load_from_state_dict reports an error": _report_an_error,
+    "a load pre-hook raises": lambda m: m._register_load_state_dict_pre_hook(
+        lambda *a: (_ for _ in ()).throw(ValueError("pre-hook"))
+    ),
+    "a load post-hook raises": lambda m: m.register_load_state_dict_post_hook(
+        lambda *a: (_ for _ in ()).throw(ValueError("post-hook"))
+    ),
+    "Ctrl-C in a hook": lambda m: m.register_load_state_dict_post_hook(
+        lambda *a: (_ for _ in ()).throw(KeyboardInterrupt())
+    ),
+}
+
+
+@pytest.mark.parametrize("where", list(WHERE))
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_any_failure_during_the_load_leaves_the_model_as_it_was(source, fault, where):
+    model = _model()
+    before = _snapshot(model)
+    FAULTS[fault](_layer(model, where))
+    expected = KeyboardInterrupt if "Ctrl-C" in fault else ckptmap.LoadError
+    with pytest.raises(expected) as info:
+        ckptmap.load_into(model, source, 'freeze "**"')
+    assert _same(model, before), fault
+    if expected is ckptmap.LoadError:
+        assert "the model is as it was" in info.value.message
+        if fault != "_load_from_state_dict reports an error":
+            assert f"module '{2 * WHERE[where]}'" in info.value.message
+            assert info.value.__cause__ is not None  # the original, as the cause
+
+
+def test_a_file_cut_short_during_the_load_leaves_the_model_as_it_was(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file(_pretrained(), path)
+    model = _model()
+    before = _snapshot(model)
+    # the file shrinks while the load runs (after the first layer has been read)
+    _layer(model, "first").register_load_state_dict_post_hook(
+        lambda *a: os.truncate(path, path.stat().st_size // 2)
+    )
+    with pytest.raises(ckptmap.CkptmapError):
+        ckptmap.load_into(model, path, "")
+    assert _same(model, before)
+
+
+_UNLOADABLE = {
+    "quantized": lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8),
+    "meta": lambda t: torch.empty_like(t, device="meta"),
+    "sparse": lambda t: t.to_sparse(),
+}
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+@pytest.mark.parametrize(
+    ("kind", "bad"),
+    # torch.save cannot write a meta tensor: that one comes only in a state_dict
+    [("state_dict", b) for b in _UNLOADABLE] + [("pt", "quantized"), ("pt", "sparse")],
+)
+def test_tensors_no_parameter_can_take_are_refused_before_any_write(tmp_path, bad, kind):
+    sd = _pretrained()
+    last = f"{2 * (N_LAYERS - 1)}.weight"
+    sd[last] = _UNLOADABLE[bad](sd[last])
+    source: object = sd
+    if kind == "pt":
+        torch.save(sd, tmp_path / "w.pt")
+        source = tmp_path / "w.pt"
+    model = _model()
+    before = _snapshot(model)
+    with pytest.raises(ckptmap.CkptmapError) as info:
+        ckptmap.load_into(model, source, "")
+    assert _same(model, before)
+    assert last in str(info.value)
+
+
+def test_transactional_false_says_the_model_may_be_partly_loaded():
+    model = _model()
+    _raise_in_load(_layer(model, "middle"))
+    with pytest.raises(ckptmap.LoadError, match="may be partly loaded"):
+        ckptmap.load_into(model, _pretrained(), "", transactional=False)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import LoadError, UsageError, summarize
+from .errors import CkptmapError, LoadError, UsageError, summarize
 
 if TYPE_CHECKING:
     import torch
@@ -206,10 +206,15 @@ def _stream_into(
     tensors: Mapping[str, torch.Tensor],
     metadata: dict,
     checkpoint: Checkpoint | None = None,
+    transactional: bool = True,
 ) -> None:
     """Load module by module, the way `load_state_dict` walks the model (each module's own
     `_load_from_state_dict` and hooks run), reading each tensor only when its module's turn
-    comes: no whole state_dict is ever held."""
+    comes: no whole state_dict is ever held.
+
+    All or nothing: before a module's tensors are written, the tensor objects and (when
+    `transactional`) a copy of what they hold are kept; whatever fails afterwards, the
+    model's own code or a `KeyboardInterrupt` included, puts every one of them back."""
     import torch
     from torch.nn.modules.module import _IncompatibleKeys
 
@@ -252,21 +257,33 @@ def _stream_into(
     errors: list[str] = []
     unexpected: list[str] = []
     done: set[str] = set()
+    undo: list[tuple[dict, str, torch.Tensor, torch.Tensor | None]] = []
+    at = {"module": "", "key": ""}  # where the walk is, for an error's message
+
+    def keep(module: torch.nn.Module, name: str) -> None:
+        store = module._parameters if name in module._parameters else module._buffers
+        tensor = store[name]
+        if tensor is not None:
+            undo.append((store, name, tensor, tensor.detach().clone() if transactional else None))
 
     def load(module: torch.nn.Module, prefix: str) -> None:
+        at["module"], at["key"] = prefix, ""
         own = [
             *module._parameters,
             *(b for b in module._buffers if b not in module._non_persistent_buffers_set),
         ]
+        mine = [n for n in own if prefix + n in loaded and prefix + n not in done]
+        for name in mine:  # before anything can write them
+            keep(module, name)
         local = {}
-        for name in own:
-            key = prefix + name
-            if key in loaded and key not in done:
-                if key in direct:  # a plain module: filled in place, nothing left to copy
-                    direct[key].read_into(getattr(module, name).detach())
-                else:
-                    local[key] = evaluator.take(loaded[key])
-                done.add(key)
+        for name in mine:
+            key = at["key"] = prefix + name
+            if key in direct:  # a plain module: filled in place, nothing left to copy
+                direct[key].read_into(getattr(module, name).detach())
+            else:
+                local[key] = evaluator.take(loaded[key])
+            done.add(key)
+        at["key"] = ""
         module._load_from_state_dict(
             local, prefix, metadata.get(prefix[:-1], {}), True, [], unexpected, errors
         )  # keys filled in place count as missing here: the plan accounts for them
@@ -274,18 +291,90 @@ def _stream_into(
         for name, child in module._modules.items():
             if child is not None:
                 load(child, f"{prefix}{name}.")
+        at["module"], at["key"] = prefix, ""
         for hook in module._load_state_dict_post_hooks.values():
             hook(module, _IncompatibleKeys([], []))
 
-    with torch.no_grad():
-        load(model, "")
-    left = sorted(set(loaded) - done)
-    if errors or unexpected or left:
+    try:
+        with torch.no_grad():
+            load(model, "")
+        left = sorted(set(loaded) - done)
+        if errors or unexpected or left:
+            raise LoadError(
+                "the model refused what the plan sent it"
+                + ("; the model is as it was" if transactional else ""),
+                code="CKM404",
+                details=summarize([*errors, *unexpected, *(f"{k}: never reached" for k in left)]),
+            )
+    except BaseException as e:
+        _put_back(undo)
+        if isinstance(e, CkptmapError) or not isinstance(e, Exception):
+            raise  # ours, or KeyboardInterrupt / SystemExit: as they are, after the undo
+        module = at["module"][:-1] or "the model"
+        where = f"module {module!r}" + (f", tensor {at['key']!r}" if at["key"] else "")
         raise LoadError(
-            "the model refused what the plan sent it",
-            code="CKM404",
-            details=summarize([*errors, *unexpected, *(f"{k}: never reached" for k in left)]),
+            f"loading failed in {where}: {type(e).__name__}: {e}"
+            + ("; the model is as it was" if transactional else "; the model may be partly loaded"),
+            code="CKM405",
+        ) from e
+
+
+def _refuse_unloadable(plan: Plan, source: Any, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Tensors no model parameter can take as they are (sparse, quantized, meta, nested),
+    refused before anything is written. Safetensors files hold none of these."""
+    from .io import Checkpoint
+    from .io.torchfile import TorchCheckpoint
+
+    if isinstance(source, Checkpoint) and not isinstance(source, TorchCheckpoint):
+        return
+    if isinstance(source, TorchCheckpoint):
+        tensors = source.state
+    bad = []
+    for e in plan.sources:
+        if e.status != "loaded":
+            continue
+        t = tensors.get(e.source)
+        why = _unloadable(t) if t is not None else None
+        if why:
+            bad.append(f"{e.source}: {why}")
+    if bad:
+        raise LoadError(
+            "the source holds tensors a model cannot load as they are; nothing was written",
+            code="CKM406",
+            details=summarize(bad),
+            hint="convert them first (t.to_dense(), t.dequantize()), or skip them",
         )
+
+
+def _unloadable(t: Any) -> str | None:
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        return f"a {type(t).__name__}, not a tensor"
+    if t.layout != torch.strided:
+        return f"a {str(t.layout).removeprefix('torch.')} tensor"
+    if t.is_quantized:
+        return f"a quantized tensor ({str(t.dtype).removeprefix('torch.')})"
+    if t.is_meta:
+        return "a meta tensor: it has no values"
+    if t.is_nested:
+        return "a nested tensor"
+    return None
+
+
+def _put_back(undo: list) -> None:
+    """Every tensor object back in its module, holding what it held before (last first)."""
+    import torch
+
+    with torch.no_grad():
+        for store, name, tensor, saved in reversed(undo):
+            store[name] = tensor
+            if saved is None:
+                continue
+            if tensor.shape == saved.shape and tensor.dtype == saved.dtype:
+                tensor.copy_(saved)
+            else:  # code that swapped the tensor's storage or shape: give the old one back
+                tensor.data = saved
 
 
 def apply_plan(plan: Plan, source: Any) -> dict[str, torch.Tensor]:
@@ -309,12 +398,19 @@ def load_into(
     on_missing: str | None = None,
     on_unexpected: str | None = None,
     on_unused: str | None = None,
+    transactional: bool = True,
 ) -> Report:
     """Plan, validate, load and freeze, all or nothing; return the Report.
 
     `source` is a state_dict or a checkpoint path; `rules` a Ruleset, Program,
     rule text or rule file Path. When validation fails, `PlanError` is raised
     and the model's tensors and `requires_grad` flags are exactly as before.
+
+    When anything fails during the load itself (a file cut short, a module's own
+    `_load_from_state_dict` or hook raising, Ctrl-C), every tensor already written
+    is put back: that costs a copy of the tensors being loaded, held until the load
+    succeeds. `transactional=False` saves that memory; a failure then raises
+    `LoadError` saying the model may be partly loaded.
     """
 
     import torch
@@ -344,12 +440,14 @@ def load_into(
                 f"{o.target}: cannot load a complex tensor ({o.dtype}) into {dst}", code="CKM403"
             )
     tensors = _checked_source(plan, source)
+    _refuse_unloadable(plan, source, tensors)
     _stream_into(
         model,
         plan,
         tensors,
         getattr(source, "_metadata", None) or {},
         source if hasattr(source, "raw") else None,
+        transactional=transactional,
     )
 
     decisions = {t.target: t.frozen for t in plan.trainable}

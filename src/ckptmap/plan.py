@@ -103,11 +103,18 @@ def _meta_of(mapping: Mapping[str, Any], role: str) -> dict[str, TensorMeta]:
     return out
 
 
+def _has_plain_storage(t: Any) -> bool:
+    """Sparse, nested and quantized tensors have no storage to compare (ties are by storage)."""
+    import torch
+
+    return t.layout == torch.strided and not t.is_nested and not t.is_quantized
+
+
 def _ties(tensors: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
     """Keys whose tensors share storage (tied embeddings), grouped."""
     groups: dict[Any, list[str]] = defaultdict(list)
     for key, t in tensors.items():
-        if t.device.type == "meta" or t.numel() == 0:
+        if t.device.type == "meta" or t.numel() == 0 or not _has_plain_storage(t):
             ident: Any = ("object", id(t))
         else:
             ident = (
