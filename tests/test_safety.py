@@ -316,3 +316,67 @@ def test_transactional_false_says_the_model_may_be_partly_loaded():
     _raise_in_load(_layer(model, "middle"))
     with pytest.raises(ckptmap.LoadError, match="may be partly loaded"):
         ckptmap.load_into(model, _pretrained(), "", transactional=False)
+
+
+# --- 3. a corrupt file is refused, never read as wrong weights ------------------------------
+
+import zipfile  # noqa: E402
+
+
+def _rezip(src: Path, dst: Path, *, compress: int = zipfile.ZIP_STORED, cut: str | None = None):
+    """A copy of a torch zip: records compressed, or one record cut to 8 bytes."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compress) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if cut is not None and info.filename.endswith(cut):
+                data = data[:8]
+            zout.writestr(info.filename, data, compress_type=compress)
+
+
+def test_a_pt_record_shorter_than_its_tensor_is_refused(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.arange(16, dtype=torch.float32)}, good)
+    bad = tmp_path / "bad.pt"
+    _rezip(good, bad, cut="/data/0")
+    for command in (["inspect", bad], ["plan", tmp_path / "r.ckmap", "-s", bad]):
+        (tmp_path / "r.ckmap").write_text("")
+        output = _run(*command, status=2)
+        assert "CKM525" in output and "holds 8 bytes but its tensors need 64" in output
+    with pytest.raises(ckptmap.CheckpointError, match="CKM525"):
+        ckptmap.migrate(bad, "")
+
+
+def test_a_compressed_pt_reads_the_right_values(tmp_path):
+    good = tmp_path / "good.pt"
+    w = torch.randn(64, 8)
+    torch.save({"w": w}, good)
+    deflated = tmp_path / "deflated.pt"
+    _rezip(good, deflated, compress=zipfile.ZIP_DEFLATED)
+    assert torch.equal(torch.load(deflated, weights_only=True)["w"], w)  # torch reads it right
+    new_sd, _ = ckptmap.migrate(deflated, "")
+    assert torch.equal(new_sd["w"], w)
+
+
+def _safetensors_with_header(path: Path, header: str, data: bytes) -> None:
+    raw = header.encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+def test_a_name_given_twice_in_a_safetensors_header_is_refused(tmp_path):
+    path = tmp_path / "dup.safetensors"
+    entry = '"w": {{"dtype": "F32", "shape": [1], "data_offsets": [{}, {}]}}'
+    _safetensors_with_header(path, f"{{{entry.format(0, 4)}, {entry.format(4, 8)}}}", bytes(8))
+    output = _run("inspect", path, status=2)
+    assert "names 'w' twice" in output
+
+
+def test_a_name_given_twice_in_a_shard_index_is_refused(tmp_path):
+    folder = write_hf_sharded(tmp_path / "hf", _pretrained(), shards=2)
+    index = folder / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    second = sorted(set(doc["weight_map"].values()))[1]
+    text = index.read_text().replace(
+        '"weight_map": {', f'"weight_map": {{"0.weight": "{second}", ', 1
+    )
+    index.write_text(text)
+    assert "names '0.weight' twice" in _run("inspect", folder, status=2)

@@ -53,6 +53,20 @@ READ_PIECE = 2 << 20  # the least one thread reads of a tensor read by several
 BLOCK = 8 << 20  # bytes of a non-contiguous tensor made contiguous at a time for writing
 
 
+def refuse_duplicate_keys(text: bytes | str, what: str) -> Any:
+    """Parse JSON, refusing an object that names a key twice (CheckpointError naming it)."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if key in out:
+                raise CheckpointError(f"{what} names {key!r} twice", code="CKM511")
+            out[key] = value
+        return out
+
+    return json.loads(text, object_pairs_hook=pairs)
+
+
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
     """The validated header of a safetensors file, and where its data starts."""
     try:
@@ -64,7 +78,13 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
                     f"{path}: {size} bytes, too short to be a safetensors file", code="CKM510"
                 )
             (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER or 8 + n > size:
+            if n > MAX_HEADER:
+                raise CheckpointError(
+                    f"{path}: the header claims {n:,} bytes, over the limit of "
+                    f"{MAX_HEADER:,} (not safetensors, or a hostile file)",
+                    code="CKM510",
+                )
+            if 8 + n > size:
                 raise CheckpointError(
                     f"{path}: the header claims {n} bytes but the file has {size - 8} after the "
                     "length (truncated, or not safetensors)",
@@ -79,8 +99,14 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         raise CheckpointError(
             f"{path}: the header is not valid JSON ({e})", code="CKM511"
         ) from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: the header nests too deeply", code="CKM511") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the header is not a JSON object", code="CKM511")
+    # every tensor entry has one "data_offsets": fewer entries than that means a name was
+    # given twice, which json.loads settles silently (last wins) and safetensors refuses
+    if body.count(b'"data_offsets"') > len(header) - ("__metadata__" in header):
+        refuse_duplicate_keys(body, f"{path}: the header")
     _validate(path, header, size - 8 - n)
     return header, 8 + n
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
 from .base import Checkpoint
+from .safetensors import refuse_duplicate_keys
 
 if TYPE_CHECKING:
     import torch
@@ -34,10 +35,11 @@ class ShardedCheckpoint(Checkpoint):
     @cached_property
     def weight_map(self) -> dict[str, Path]:
         try:
-            data = json.loads(self.index.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            data = refuse_duplicate_keys(self.index.read_text(encoding="utf-8"), str(self.index))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
             raise CheckpointError(
-                f"{self.index}: not a readable JSON index ({e})", code="CKM513"
+                f"{self.index}: not a readable JSON index ({why})", code="CKM513"
             ) from None
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(

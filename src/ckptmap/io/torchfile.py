@@ -12,6 +12,7 @@ import functools
 import mmap
 import pickle
 import sys
+import warnings
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,13 +34,18 @@ class TorchCheckpoint(Checkpoint):
 
     @cached_property
     def state(self) -> dict[str, torch.Tensor]:
-        try:
-            obj = self._load(mmap=True)
-            self.mapped = True
-        except CheckpointError as e:
-            if "mmap" not in e.message:
-                raise
-            obj = self._load(mmap=False)  # legacy (non-zip) files cannot be mapped
+        # mapping reads each record's bytes where the zip says they lie, trusting the
+        # pickle's sizes: only exact for stored (uncompressed) records of the right size
+        obj = None
+        if _mapping_is_exact(self.path):
+            try:
+                obj = self._load(mmap=True)
+                self.mapped = True
+            except CheckpointError as e:
+                if "mmap" not in e.message:
+                    raise
+        if obj is None:  # legacy (non-zip) or compressed files: read and checked by torch
+            obj = self._load(mmap=False)
         state, self.notes = pick_state_dict(obj, self.select, self.path)
         return state
 
@@ -47,7 +53,9 @@ class TorchCheckpoint(Checkpoint):
         import torch
 
         try:
-            return torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
+            with warnings.catch_warnings():  # torch's multi-line notes would bury our one line
+                warnings.simplefilter("ignore")
+                return torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
             lines = str(e).splitlines()
             why = next((ln.strip() for ln in lines if "GLOBAL" in ln or "global" in ln), lines[0])
@@ -101,6 +109,61 @@ def _libc() -> Any:
         return libc
     except (OSError, AttributeError):
         return None
+
+
+def _mapping_is_exact(path: Path) -> bool:
+    """Whether `torch.load(mmap=True)` reads exactly what the file holds: every storage record
+    stored uncompressed, and as long as the tensors the pickle builds on it need.
+
+    Raises CheckpointError for a record shorter or longer than its tensors (a plain load
+    refuses those too). False where mapping would read the wrong bytes (compressed records)
+    or the file cannot be checked; torch's own load then reads and checks every record.
+    """
+    import io
+    import zipfile
+
+    import torch
+    from torch import _weights_only_unpickler as restricted
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                return False
+            prefix = pickles[0].removesuffix("data.pkl")
+            needs: dict[str, int] = {}
+
+            def persistent_load(saved_id: Any) -> Any:
+                _, storage_type, key, _, numel = saved_id
+                dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+                nbytes = int(numel) * torch._utils._element_size(dtype)
+                needs[str(key)] = nbytes
+                return torch.storage.TypedStorage(
+                    wrap_storage=torch.UntypedStorage(nbytes, device="meta"),
+                    dtype=dtype,
+                    _internal=True,
+                )
+
+            unpickler = restricted.Unpickler(io.BytesIO(archive.read(pickles[0])), encoding="utf-8")
+            unpickler.persistent_load = persistent_load  # type: ignore[attr-defined]
+            with warnings.catch_warnings():  # TypedStorage's deprecation: ours, not the user's
+                warnings.simplefilter("ignore")
+                unpickler.load()
+            for key, nbytes in needs.items():
+                info = archive.getinfo(f"{prefix}data/{key}")
+                if info.compress_type != zipfile.ZIP_STORED:
+                    return False
+                if info.file_size != nbytes:
+                    raise CheckpointError(
+                        f"{path}: record data/{key} holds {info.file_size} bytes but its "
+                        f"tensors need {nbytes} (a damaged file)",
+                        code="CKM525",
+                    )
+    except CheckpointError:
+        raise
+    except Exception:  # not a zip, an odd layout: let torch's checked load decide
+        return False
+    return True
 
 
 def _has_tensors(obj: Any) -> bool:
