@@ -456,3 +456,199 @@ def test_a_reports_mismatch_shows_the_files_shape_and_the_ops_result():
     (m,) = plan.report().mismatched
     assert (m.file_shapes, m.source_shape, m.target_shape) == ([[10]], [13], [12])
     assert "  head.bias [10] -> [13] -> head.bias [12]" in str(plan.report())
+
+
+def test_the_targets_of_a_failed_merge_or_split_are_not_also_missing():
+    merge = ckptmap.compile('merge "fc.weight", "fc.bias" -> "fc.both" | cat(0)').plan(
+        {"fc.weight": [10, 8], "fc.bias": [10]}, {"fc.both": [20, 8]}
+    )
+    assert [p.code for p in merge.errors] == ["CKM306"]
+    split = ckptmap.compile('split "w" -> "a", "b", "c" | split([2, 2], 0)').plan(
+        {"w": [4, 1]}, {"a": [2, 1], "b": [2, 1], "c": [2, 1]}
+    )
+    assert [p.code for p in split.errors] == ["CKM309"]
+    assert {t.target: t.reason for t in split.targets} == dict.fromkeys("abc", "failed")
+
+
+def test_a_mismatch_names_the_rule_whose_op_made_the_shape():
+    plan = ckptmap.compile(
+        'transform "fc.bias" | pad(0, 0, 3)\nrename "fc" -> "head"\nrename "head" -> "out"'
+    ).plan({"fc.bias": [10]}, {"out.bias": [12]})
+    assert '(via transform "fc.bias" | pad(0, 0, 3) (<rules>:1:1))' in plan.errors[0].message
+
+
+def test_an_unused_rule_whose_keys_earlier_rules_took_says_so_not_did_you_mean():
+    plan = ckptmap.compile('rename "body" -> "backbone"\nrename "body" -> "trunk"').plan(
+        {"body.w": [1]}
+    )
+    (problem,) = plan.errors
+    assert "the source has keys it would match (such as body.w), but earlier rules" in (
+        problem.message
+    )
+    assert "did you mean" not in problem.message
+    skipped = ckptmap.compile('skip "fc"\nfreeze "fc"').plan({"fc.w": [1], "a": [1]})
+    assert "did you mean 'fc'" not in skipped.errors[0].message
+
+
+def test_the_star_hint_uses_free_capture_names():
+    with pytest.raises(ckptmap.RuleCompileError) as info:
+        ckptmap.compile('rename "blocks.{i}.*.w" -> "layers.{i}.*.w"')
+    assert info.value.hint == 'write: rename "blocks.{i}.{j}.w" -> "layers.{i}.{j}.w"'
+    ckptmap.compile(info.value.hint.removeprefix("write: "))  # the hint compiles
+
+
+# --- found by an adversarial pass over the fixes above -----------------------------------------
+
+
+def test_diff_values_infinities_nans_and_large_integers(tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"f": torch.tensor([1.0, 2.0, 3.0]), "i": torch.tensor([2**62])}, a)
+    save_file(
+        {"f": torch.tensor([float("inf"), float("nan"), 3.0]), "i": torch.tensor([2**62 + 1])}, b
+    )
+    for x, y in ((a, b), (b, a)):
+        output = _run("diff", x, y, "--values", status=1)
+        assert "f  2 values past tolerance" in output and "i  1 value past tolerance" in output
+    same = tmp_path / "same.safetensors"
+    save_file({"f": torch.tensor([float("inf"), float("nan")]), "i": torch.tensor([7])}, same)
+    _run("diff", same, same, "--values", status=0)
+    for bad in ("nan", "-1", "inf"):
+        assert "a tolerance is a number >= 0" in _run(
+            "diff", a, b, "--values", "--atol", bad, status=2
+        )
+
+
+def test_apply_refuses_a_dtype_the_plan_did_not_see(tmp_path, head_checkpoint):
+    rules = tmp_path / "r.ckmap"
+    rules.write_text('strip "module."\n')
+    saved = tmp_path / "plan.json"
+    saved.write_text(_run("plan", rules, "-s", head_checkpoint, "--json", status=0))
+    tuned = tmp_path / "tuned.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(head_checkpoint).items()}, tuned)
+    out = tmp_path / "out.safetensors"
+    output = _run("apply", "--plan", saved, "-s", tuned, "-o", out, status=2)
+    assert "the checkpoint has bfloat16, the plan float32" in output and not out.exists()
+
+
+def test_apply_with_a_saved_plan_refuses_options_it_cannot_honour(tmp_path, head_checkpoint):
+    rules = tmp_path / "r.ckmap"
+    rules.write_text('strip "module."\n')
+    saved = tmp_path / "plan.json"
+    saved.write_text(_run("plan", rules, "-s", head_checkpoint, "--json", status=0))
+    out = tmp_path / "out.safetensors"
+    for extra in (["-t", saved], ["--strict"], ["--original", head_checkpoint]):
+        output = _run("apply", "--plan", saved, "-s", head_checkpoint, "-o", out, *extra, status=2)
+        assert "belongs to `ckptmap plan`" in output
+    output = _run("apply", rules, "-s", head_checkpoint, "-o", out, "--allow-lossy", status=2)
+    assert "--allow-lossy goes with --reverse" in output
+    bigger = tmp_path / "bigger.safetensors"
+    save_file({**load_file(head_checkpoint), "module.extra": torch.zeros(2)}, bigger)
+    output = _run("apply", "--plan", saved, "-s", bigger, "-o", out, status=0)
+    assert "note: left out, not in the saved plan: module.extra" in output
+
+
+@pytest.mark.parametrize(
+    ("spec", "said"),
+    [
+        ("broken_models:boom", "the factory failed (RuntimeError: no model today)"),
+        ("broken_models:needs_arg", "the factory failed (TypeError"),
+        ("broken_models:not_a_model", "returned a int, not an nn.Module"),
+        ("broken_syntax:build", "cannot import the factory (SyntaxError"),
+        (":build", "cannot import the factory"),
+        ("nomod:ok", "nomod:ok: cannot import"),  # no emoji
+    ],
+)
+def test_a_target_factory_that_fails_is_one_line_and_exit_2(
+    tmp_path, head_checkpoint, monkeypatch, spec, said
+):
+    (tmp_path / "broken_models.py").write_text(
+        "def boom():\n    raise RuntimeError('no model today')\n"
+        "def needs_arg(n):\n    pass\n"
+        "def not_a_model():\n    return 3\n"
+    )
+    (tmp_path / "broken_syntax.py").write_text("def build(:\n")
+    monkeypatch.chdir(tmp_path)
+    rules = tmp_path / "r.ckmap"
+    rules.write_text('strip "module."\n')
+    output = _run("plan", rules, "-s", head_checkpoint, "-t", spec, status=2)
+    assert said in output and "Traceback" not in output
+
+
+def test_plan_from_json_says_what_it_takes():
+    with pytest.raises(ckptmap.UsageError, match="takes the JSON text, not a PosixPath"):
+        Plan.from_json(Path("plan.json"))
+    with pytest.raises(ckptmap.UsageError) as info:
+        Plan.from_json("plan.json")
+    assert info.value.hint == "Plan.from_json(Path('plan.json').read_text())"
+    with pytest.raises(ckptmap.CheckpointError, match=r"not a ckptmap plan \(Invalid JSON"):
+        Plan.from_json("{")
+
+
+def test_yaml_ops_as_one_text_or_a_bare_name(tmp_path):
+    from ckptmap.syntax import parse_yaml
+
+    with pytest.raises(ckptmap.RuleSyntaxError, match=r"write \{transpose: \[0, 1\]\}"):
+        parse_yaml('rules:\n  - transform: {from: a, ops: "transpose(0, 1)"}\n')
+    with pytest.raises(ckptmap.RuleSyntaxError, match=r"write \{transpose: \[args\]\}"):
+        parse_yaml("rules:\n  - transform: {from: a, ops: [transpose]}\n")
+
+
+def test_a_ruleset_of_text_says_how_to_build_one():
+    with pytest.raises(ckptmap.RuleSyntaxError) as info:
+        ckptmap.rules.Ruleset(rules=['strip "x"'])
+    assert "rules[0] is 'strip \"x\"', not a statement" in info.value.message
+    assert "function-after" not in info.value.message
+
+
+def test_warnings_are_listed_as_warnings(tmp_path, head_checkpoint):
+    rules = tmp_path / "r.ckmap"
+    rules.write_text('on unused warn\nstrip "module."\nskip "optimizer"\n')
+    output = _run("plan", rules, "-s", head_checkpoint, status=0)
+    assert "warnings:\n  unused rule: skip" in output and "problems:" not in output
+
+
+def test_a_report_that_cannot_be_written_stops_apply_before_the_output(tmp_path, head_checkpoint):
+    rules = tmp_path / "r.ckmap"
+    rules.write_text('strip "module."\n')
+    out = tmp_path / "out.safetensors"
+    output = _run(
+        "apply",
+        rules,
+        "-s",
+        head_checkpoint,
+        "-o",
+        out,
+        "--report",
+        tmp_path / "no" / "r.json",
+        status=2,
+    )
+    assert "does not exist" in output and not out.exists()
+    (tmp_path / "adir").mkdir()
+    report = tmp_path / "adir"
+    args = ["apply", rules, "-s", head_checkpoint, "-o", out, "--report", report, "--overwrite"]
+    assert "is a folder" in _run(*args, status=2) and not out.exists()
+
+
+def test_apply_writes_everything_before_it_prints(tmp_path):
+    names = [f"layer_{a}{b}{c}.weight" for a in "abcdefghij" for b in "abcdefghij" for c in "abcd"]
+    source = tmp_path / "many.safetensors"
+    save_file({n: torch.zeros(1) for n in names}, source)
+    rules = tmp_path / "r.ckmap"
+    rules.write_text('prefix "model."\n')
+    out, report = tmp_path / "out.safetensors", tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "ckptmap", "apply", str(rules), "-s", str(source), "-o", str(out)]
+    proc = subprocess.Popen(
+        [*cmd, "--report", str(report)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # the reader is gone before anything is printed
+    proc.wait(timeout=120)
+    assert proc.returncode in (0, -signal.SIGPIPE), proc.stderr.read()
+    assert len(load_file(out)) == len(names) and json.loads(report.read_text())["loaded"]
+
+
+def test_inspect_counts_complex_bytes_and_pads_no_lines(tmp_path):
+    path = tmp_path / "c.pt"
+    torch.save({"z": torch.zeros(4, dtype=torch.complex64)}, path)
+    output = _run("inspect", path, status=0)
+    assert "1 tensors, 4 values, 32 B" in output
+    assert all(line == line.rstrip() for line in output.splitlines())

@@ -521,9 +521,17 @@ def write_plan(
         for e in plan.sources
         if e.source in meta and list(meta[e.source].shape) != e.shape
     ]
+    problems += [  # bytes are copied as they are: a dtype the plan did not see would be garbage
+        f"{e.source}: the checkpoint has {meta[e.source].dtype}, the plan {e.dtype}"
+        for e in plan.sources
+        if e.source in meta and e.dtype and meta[e.source].dtype and meta[e.source].dtype != e.dtype
+    ]
     if problems:  # keys the plan does not use may stay behind (a reversed plan's new head)
         raise LoadError(
-            "the checkpoint does not match the plan", code="CKM402", details=summarize(problems)
+            "the checkpoint does not match the plan",
+            code="CKM402",
+            details=summarize(problems),
+            hint="make the plan from this checkpoint, or cast it to the plan's dtypes first",
         )
     loaded = [o for o in plan.outputs if o.status == "loaded"]
     # tied sources passed through unchanged are stored once, under the name given first

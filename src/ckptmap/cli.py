@@ -64,24 +64,29 @@ StrictOpt = Annotated[
 
 
 def out() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    return Console(highlight=False, soft_wrap=True, emoji=False)
 
 
 def err() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 def print_table(console: Console, table: Table) -> None:
     """A table; off a terminal (a file, a pipe) as wide as its longest row, so that no key
     name is ever wrapped."""
-    narrow = console.width
-    if not console.is_terminal:
-        console.width = 1 << 16
-        console.width = max(narrow, console.measure(table).maximum)
-    try:
+    if console.is_terminal:
         console.print(table)
+        return
+    narrow = console.width
+    console.width = 1 << 16
+    console.width = max(narrow, console.measure(table).maximum)
+    try:
+        with console.capture() as captured:
+            console.print(table)
     finally:
         console.width = narrow
+    for line in captured.get().splitlines():  # no padding after the last column
+        console.print(line.rstrip(), markup=False, highlight=False)
 
 
 def _run(fn: Any) -> None:
@@ -239,10 +244,15 @@ def _metadata_text(value: str) -> str:
     return value if len(value) <= 300 else value[:297] + "..."
 
 
+_OTHER_SIZES = {"complex32": 4, "complex64": 8, "complex128": 16, "qint8": 1, "quint8": 1}
+_OTHER_SIZES |= {"qint32": 4, "quint4x2": 1, "uint16": 2, "uint32": 4, "uint64": 8}
+
+
 def _nbytes(shape, dtype: str | None) -> int:
     from .io.safetensors import CODES, DTYPES
 
-    return math.prod(shape) * (DTYPES[CODES[dtype]][1] if dtype in CODES else 1)
+    size = DTYPES[CODES[dtype]][1] if dtype in CODES else _OTHER_SIZES.get(dtype or "", 1)
+    return math.prod(shape) * size
 
 
 def _first_match_of(pattern: str, key: str) -> bool:
@@ -303,14 +313,27 @@ def _build_on_meta(spec: str) -> Any:
         sys.path.insert(0, str(Path.cwd()))
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
+    except Exception as e:  # not found, or the module's own code failed on import
         raise CheckpointError(
-            f"{spec}: cannot import the factory ({e})",
+            f"{spec}: cannot import the factory ({type(e).__name__}: {e})",
             code="CKM541",
             hint=f"the module is looked up on the import path and in {Path.cwd()}",
         ) from None
-    with torch.device("meta"):
-        return factory()
+    try:
+        with torch.device("meta"):
+            model = factory()
+    except Exception as e:
+        raise CheckpointError(
+            f"{spec}: the factory failed ({type(e).__name__}: {e})",
+            code="CKM541",
+            hint="the factory is called with no arguments, on the meta device",
+        ) from None
+    if not isinstance(model, torch.nn.Module):
+        raise CheckpointError(
+            f"{spec}: the factory returned a {type(model).__name__}, not an nn.Module",
+            code="CKM541",
+        )
+    return model
 
 
 @app.command()
@@ -383,10 +406,11 @@ def print_plan(console: Console, the_plan: Plan) -> None:
             tcounts[t.status] += 1
         summary += "; target: " + ", ".join(f"{n} {k}" for k, n in sorted(tcounts.items()))
     console.print(f"{len(the_plan.sources)} source tensors: {summary}", markup=False)
-    if the_plan.problems:
-        console.print("problems:")
-        for line in render_problems(the_plan.problems, the_plan):
-            console.print(f"  {line}", markup=False)
+    for title, found in (("problems", the_plan.errors), ("warnings", the_plan.warnings)):
+        if found:
+            console.print(f"{title}:")
+            for line in render_problems(found, the_plan):
+                console.print(f"  {line}", markup=False)
     said = {i for p in the_plan.problems if p.kind == "unused" for i in p.rules}
     for i in the_plan.unused_rules:
         if i not in said:  # optional, or `on unused ignore`: listed, not a problem
@@ -462,10 +486,10 @@ def apply(
         from .io import open_checkpoint
         from .io.write import (
             check_destination,
+            check_text_destination,
             parse_size,
             provenance,
             refuse_clobbering,
-            refuse_replacing,
         )
 
         shard_size = parse_size(max_shard_size) if max_shard_size else None
@@ -473,6 +497,23 @@ def apply(
             raise typer.BadParameter("give RULES or --plan, not both", param_hint="--plan")
         if not rules and saved_plan is None:
             raise typer.BadParameter("name the rule files (RULES) or a saved --plan")
+        if saved_plan is not None:
+            for given, name in (
+                (target, "--target"),
+                (strict, "--strict"),
+                (original, "--original"),
+                (select, "--select"),
+            ):
+                if given:
+                    raise typer.BadParameter(
+                        "a saved plan already says what happens to every key: "
+                        f"{name} belongs to `ckptmap plan` when the plan is made",
+                        param_hint=name,
+                    )
+        if allow_lossy and not reverse:
+            raise typer.BadParameter(
+                "--allow-lossy goes with --reverse", param_hint="--allow-lossy"
+            )
         if reverse and saved_plan is None and original is None:
             raise typer.BadParameter(
                 "--reverse needs --original, the checkpoint the rules were written for "
@@ -497,9 +538,10 @@ def apply(
             reads += [("original", p) for p in (original, *open_checkpoint(original).files)]
         refuse_clobbering([("--out", out_path), ("--report", report)], reads)
         check_destination(out_path, sharded=shard_size is not None, overwrite=overwrite)
-        if report is not None and not overwrite:
-            refuse_replacing(report)
-        console = out()
+        if report is not None:
+            check_text_destination(report, overwrite)
+        said: list[str] = []  # printed once every file is written: a reader that goes away
+        # (`| head`) must not stop the writing
         if saved_plan is not None:
             from .plan import Plan
 
@@ -519,21 +561,22 @@ def apply(
                     on_unused=unused,
                 ).check()
             the_plan = forward.inverse(allow_lossy=allow_lossy)
-            used = {e.source for e in the_plan.sources}
-            extra = [k for k in ckpt.meta() if k not in used]
-            if extra:
-                from .report import collapse_keys
-
-                keys = ", ".join(p for p, _ in collapse_keys(extra))
-                console.print(f"note: left out, not from the original: {keys}", markup=False)
-            for problem in the_plan.warnings:
-                console.print(f"warning: {problem.message}", markup=False)
+            said += [f"warning: {problem.message}" for problem in the_plan.warnings]
         elif saved_plan is not None:
             the_plan = forward.check()
         else:
             the_plan = program.plan(ckpt.describe(), the_target, on_unused=unused).check()
+        if reverse or saved_plan is not None:  # a plan not made from SOURCE may leave keys out
+            from .report import collapse_keys
+
+            used = {e.source for e in the_plan.sources}
+            extra = [k for k in ckpt.meta() if k not in used]
+            if extra:
+                keys = ", ".join(p for p, _ in collapse_keys(extra))
+                why = "from the original" if saved_plan is None else "in the saved plan"
+                said.insert(0, f"note: left out, not {why}: {keys}")
         for note in ckpt.notes:  # known once the checkpoint has been opened
-            console.print(f"note: {note}", markup=False)
+            said.append(f"note: {note}")
         total = sum(_nbytes(o.shape, o.dtype) for o in the_plan.outputs if o.status == "loaded")
         columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err(), disable=not err().is_terminal) as progress:
@@ -550,14 +593,17 @@ def apply(
                 overwrite=overwrite,
             )
         the_report = the_plan.report(frozen=[])  # a file has no requires_grad
-        console.print(str(the_report), markup=False)
-        console.print(
-            f"wrote {out_path} ({len(written)} file{'s' * (len(written) != 1)}, {_human(total)})"
-        )
         if report is not None:
             from .io.write import write_text_atomically
 
             write_text_atomically(report, the_report.model_dump_json(indent=2) + "\n")
+        console = out()
+        for line in said:
+            console.print(line, markup=False)
+        console.print(str(the_report), markup=False)
+        console.print(
+            f"wrote {out_path} ({len(written)} file{'s' * (len(written) != 1)}, {_human(total)})"
+        )
 
     _run(body)
 
@@ -621,6 +667,9 @@ def diff(
         same = len(meta_a) - len(only_a) - len(changed)
         console.print(f"{same} tensors with the same name, shape and dtype")
         differ = []
+        for name, tol in (("--atol", atol), ("--rtol", rtol)):
+            if not (math.isfinite(tol) and tol >= 0):
+                raise typer.BadParameter(f"{tol}: a tolerance is a number >= 0", param_hint=name)
         if values:
             from .values import compare
 

@@ -7,6 +7,7 @@ target once. Every error points at the span of the rule that caused it.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,13 +279,15 @@ def _capture_hint(statement: Rename) -> str:
     stars = statement.target.count("*")
     if pattern.regex or "**" in pattern.text or pattern.text.count("*") != stars:
         return _CAPTURE_EXAMPLE
+    taken = set(re.findall(r"\{(\w+)\}", pattern.text))  # names the pattern already binds
+    free = "".join(c for c in "ijklmnpqrstuvwxyz" if c not in taken)
     fixed = []
     for text in (pattern.text, statement.target):
         parts = text.split("*")
         fixed.append(
             "".join(
                 p + (f"{{{n}}}" if k < stars else "")
-                for k, (p, n) in enumerate(zip(parts, "ijklmnpqrst", strict=False))
+                for k, (p, n) in enumerate(zip(parts, free, strict=False))
             )
         )
     return f"write: rename {quote(fixed[0])} -> {quote(fixed[1])}"

@@ -98,7 +98,8 @@ def _meta_of(mapping: Mapping[str, Any], role: str) -> dict[str, TensorMeta]:
             out[key] = TensorMeta(tuple(value))
         else:
             raise UsageError(
-                f"{role} entry {key!r} is a {type(value).__name__}, not a tensor or a shape"
+                f"{role} entry {key!r} is {value!r}: not a tensor, nor a shape (a list of "
+                "whole numbers >= 0)"
             )
     return out
 
@@ -306,16 +307,26 @@ class Plan(BaseModel):
         (a plan edited by hand or cut short is refused)."""
         from pydantic import ValidationError
 
-        from .errors import CheckpointError
+        from .errors import CheckpointError, UsageError
 
         name = f"{where}: " if where is not None else ""
+        if not isinstance(text, (str, bytes)):
+            raise UsageError(
+                f"Plan.from_json takes the JSON text, not a {type(text).__name__}",
+                hint="Plan.from_json(Path('plan.json').read_text())",
+            )
+        if isinstance(text, str) and text.strip().endswith(".json") and "\n" not in text.strip():
+            raise UsageError(
+                f"{text.strip()!r} looks like a file name; Plan.from_json takes the JSON text",
+                hint=f"Plan.from_json(Path({text.strip()!r}).read_text())",
+            )
         try:
             plan = cls.model_validate_json(text)
         except ValidationError as e:
             err = e.errors()[0]
             field = ".".join(str(p) for p in err["loc"])
             raise CheckpointError(
-                f"{name}not a ckptmap plan ({field}: {err['msg']})",
+                f"{name}not a ckptmap plan ({field + ': ' if field else ''}{err['msg']})",
                 code="CKM542",
                 hint="save one with `ckptmap plan RULES -s SOURCE --json > plan.json`",
             ) from None
@@ -527,6 +538,7 @@ class _Builder:
         self.dropped: list[_Node] = []  # skipped by a `skip` rule
         self.source_values: dict[str, int] = {}
         self._made_by: tuple[list, dict[int, Step], dict[int, str]] | None = None
+        self.failed_names: set[str] = set()  # names a failed merge or split would have made
         self.buckets: dict[str, list[_Node]] = defaultdict(list)
         values, buckets, meta = self.values, self.buckets, source.meta
         for index, key in enumerate(sorted(meta)):  # the loop every key goes through: inlined
@@ -612,6 +624,14 @@ class _Builder:
             )
         )
         return ids
+
+    def shaped_by(self, value: int) -> int | None:
+        """The rule whose op made this value, or None for a tensor as the file holds it."""
+        if not self.steps:
+            return None
+        self.history(value)  # fills the cache
+        step = self._made_by[1].get(value) if self._made_by else None
+        return step.rule if step is not None else None
 
     def history(self, value: int) -> str | None:
         """How a value was made from the file's tensors, as text: `head.bias [10] | pad(0, 0, 3)`;
@@ -766,6 +786,7 @@ class _Builder:
                 want = [str(i) for i in range(len(order))]
                 if order != want:
                     _fail(group.values(), "merge", rule)
+                    self.failed_names.add(template.render(captures[key]))  # type: ignore[union-attr]
                     self.problems.append(
                         _problem(
                             "CKM307",
@@ -784,6 +805,7 @@ class _Builder:
                 ]
                 if missing:
                     _fail(group.values(), "merge", rule)
+                    self.failed_names.add(template.render(captures[key]))  # type: ignore[union-attr]
                     names = ", ".join(p.to_text() for p in missing)
                     self.problems.append(
                         _problem(
@@ -803,6 +825,7 @@ class _Builder:
             value = out and self._chain(rule.ops[1:], rule, out[0], name)
             if value is None:
                 _fail(members, "op", rule)
+                self.failed_names.add(name)
                 continue
             rules = [*list(dict.fromkeys(r for m in members for r in m.rules)), rule.id]
             sources = tuple(dict.fromkeys(s for m in members for s in m.sources))  # merge order
@@ -823,6 +846,8 @@ class _Builder:
             pieces = None if value is None else self._run(rule.ops[-1], rule, [value], [n.name])
             if pieces is None:
                 _fail([n], "op", rule)
+                if not rule.gather:
+                    self.failed_names.update(t.render(m.captures) for t in rule.templates)
                 continue
             if rule.gather:
                 names = [
@@ -831,6 +856,7 @@ class _Builder:
                 ]
             elif len(rule.templates) != len(pieces):
                 _fail([n], "split", rule)
+                self.failed_names.update(t.render(m.captures) for t in rule.templates)
                 self.problems.append(
                     _problem(
                         "CKM309",
@@ -1098,8 +1124,12 @@ def _match_target(
                         f"{history} gives {list(o.shape)} for {o.target}, which expects "
                         f"{list(want.shape)}"
                     )
-                if o.rules:  # the rule that decided: the last to touch the tensor
-                    said += f" (via {program.rules[o.rules[-1]].where()})"
+                # the rule that decided the shape: the one whose op made it, else the last
+                decider = builder.shaped_by(o.value)
+                if decider is None and o.rules:
+                    decider = o.rules[-1]
+                if decider is not None:
+                    said += f" (via {program.rules[decider].where()})"
                 problems.append(
                     _problem(
                         "CKM302",
@@ -1133,6 +1163,8 @@ def _match_target(
             out[name] = TargetEntry(
                 **base, status="missing", sources=o.sources, reason="failed", rules=o.rules
             )
+        elif name in builder.failed_names:  # what a failed merge or split would have made
+            out[name] = TargetEntry(**base, status="missing", reason="failed")
         else:
             out[name] = TargetEntry(**base, status="missing")
 
@@ -1177,12 +1209,27 @@ def _unused_problems(
         rule = program.rules[i]
         if rule.node.optional:
             continue
-        near = next((n for pool in pools if (n := _near_misses(rule, pool))), [])
         said = f"unused rule: {rule.where()} matches no key"
-        if near:
+        consumed = next((k for k in sorted(source.meta) if _matches_source(rule, k)), None)
+        if consumed is not None:  # not a typo: the keys were there, and earlier rules took them
+            said += (
+                f"; the source has keys it would match (such as {consumed}), but earlier rules "
+                "renamed or dropped them first"
+            )
+        elif near := next((n for pool in pools if (n := _near_misses(rule, pool))), []):
             said += "; did you mean " + " or ".join(near) + "?"
         found.append(_problem("CKM310", "unused", said, [], [i], policies["unused"]))
     return found
+
+
+def _matches_source(rule: Rule, key: str) -> bool:
+    """Whether a pipeline rule would match `key` as the file names it."""
+    node = rule.node
+    if isinstance(node, Strip):
+        return key.startswith(node.prefix)
+    if node.keyword in ("init", "freeze", "unfreeze"):
+        return False  # these speak of final names
+    return any(m.match(key) is not None for m in (rule.matchers or (rule.matcher,)) if m)
 
 
 def _near_misses(rule: Rule, keys: list[str]) -> list[str]:
@@ -1206,6 +1253,7 @@ def _near_misses(rule: Rule, keys: list[str]) -> list[str]:
         head = ".".join(key.split(".")[:width]) + dot
         heads.setdefault(placeholder.sub("#", head), (head, key))
     wanted = placeholder.sub("#", text)
+    heads.pop(wanted, None)  # the pattern itself is no suggestion
     close = difflib.get_close_matches(wanted, list(heads), n=3, cutoff=0.75)
     out = []
     for c in close:

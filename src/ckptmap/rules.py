@@ -76,7 +76,8 @@ def invalid_node(cls: type, e: ValidationError) -> RuleSyntaxError:
     """A pydantic error on building an IR node, as one `RuleSyntaxError` naming the field."""
     err = e.errors()[0]
     message = err["msg"].removeprefix("Value error, ")
-    field = ".".join(str(p) for p in err["loc"])
+    # pydantic's own steps ("function-after[...]", union members) are no help to a reader
+    field = ".".join(str(p) for p in err["loc"] if not any(c in str(p) for c in "[("))
     if field and err["type"] != "value_error":
         message = f"{field}: {message}"
     what = getattr(cls, "keyword", None)
@@ -477,6 +478,18 @@ class Ruleset(Node):
     file: str | None = Field(default=None, exclude=True, repr=False)
     text: str | None = Field(default=None, exclude=True, repr=False)  # the source, for carets
 
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _statements(cls, rules: Any) -> Any:
+        for i, rule in enumerate(rules if isinstance(rules, (list, tuple)) else ()):
+            if not isinstance(rule, Statement):
+                raise ValueError(
+                    f"rules[{i}] is {rule!r}, not a statement: build them with ckptmap.rules "
+                    "(Strip('module.'), Rename('a', 'b'), ...), or parse rule text with "
+                    "ckptmap.parse"
+                )
+        return rules
+
     @field_validator("version")
     @classmethod
     def _known_version(cls, version: int) -> int:
@@ -582,9 +595,12 @@ OpsForm = Annotated[
 
 def _ops_not_text(ops: Any) -> Any:
     """`ops: ["transpose(0, 1)"]` is the DSL's spelling: say the YAML one, for this op."""
+    if isinstance(ops, str):  # `ops: "transpose(0, 1)"`: one op, as text
+        _ops_not_text([ops])
     for i, op in enumerate(ops if isinstance(ops, list) else ()):
         if isinstance(op, str):
-            example = "{transpose: [0, 1]}"
+            bare = op.strip()
+            example = f"{{{bare}: [args]}}" if _WORD.fullmatch(bare) else "{transpose: [0, 1]}"
             with contextlib.suppress(Exception):  # the op as YAML, when the text reads as an op
                 from .syntax import parse
 

@@ -92,6 +92,19 @@ def refuse_replacing(path: Path) -> None:
         )
 
 
+def check_text_destination(path: Path, overwrite: bool = False) -> None:
+    """Fail early on a place a text file (a report) cannot be written, before other work."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder", code="CKM531")
+    if not overwrite:
+        refuse_replacing(path)
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{path}: the folder {path.parent} does not exist", code="CKM531")
+    if not os.access(path.parent, os.W_OK):
+        raise CheckpointError(f"{path}: the folder {path.parent} is not writable", code="CKM532")
+
+
 def _previous_sharded_output(folder: Path) -> bool:
     """A folder that holds only a sharded checkpoint (index and shards): safe to replace."""
     names = [p.name for p in folder.iterdir()]
