@@ -26,7 +26,7 @@ from ckptmap.rules import (
     Transform,
     Unfreeze,
 )
-from ckptmap.syntax import parse, parse_yaml
+from ckptmap.syntax import format_text, parse, parse_yaml
 
 # --- parse(print(r)) == r ----------------------------------------------------------------------
 
@@ -66,6 +66,18 @@ statements = st.one_of(
     ),
     text.map(Include),
 )
+
+
+def _maybe_optional(statement, optional: bool):
+    if optional and statement.optionable:
+        return type(statement)(**{**dict(statement), "optional": True})
+    return statement
+
+
+statements = st.one_of(
+    st.tuples(statements, st.booleans()).map(lambda t: _maybe_optional(*t)),
+    st.sampled_from([Policy("unused", a) for a in ("error", "warn", "ignore")]),
+)
 rulesets = st.lists(statements, max_size=8).map(lambda rules: Ruleset(tuple(rules)))
 
 
@@ -84,6 +96,50 @@ def test_yaml_round_trip(ruleset):
 def test_printing_is_canonical(ruleset):
     once = parse(ruleset.to_text()).to_text()
     assert parse(once).to_text() == once
+
+
+# --- fmt keeps the meaning and is idempotent, whatever the layout -------------------------------
+
+# comments may hold anything but a line break, including what str.splitlines breaks at
+comment_text = st.text(
+    alphabet=st.one_of(
+        st.characters(blacklist_characters="\n"), st.sampled_from("\f\x85\u2028\r\t")
+    ),
+    max_size=12,
+)
+blank = st.sampled_from(["", " ", "\t", "\f", " \f ", "\r"])
+
+
+@st.composite
+def layouts(draw):
+    """A ruleset written by a person: indents, blank lines, comments of every kind."""
+    ruleset = draw(rulesets)
+    lines = []
+    if draw(st.booleans()):
+        lines.append("ckptmap 1" + draw(st.sampled_from(["", "  # v1", "\t#\f"])))
+    for statement in ruleset.rules:
+        for _ in range(draw(st.integers(0, 2))):
+            lines.append(
+                draw(blank) + draw(st.sampled_from(["", "# "])) + draw(comment_text)
+                if draw(st.booleans())
+                else draw(blank)
+            )
+        trailing = draw(st.one_of(st.just(""), comment_text.map(lambda c: "  # " + c)))
+        lines.append(draw(st.sampled_from(["", " ", "\t", "\f"])) + statement.to_text() + trailing)
+    ending = draw(st.sampled_from(["\n", "", "\r\n"]))
+    return draw(st.sampled_from(["\n", "\r\n"])).join(lines) + ending
+
+
+@given(layouts())
+@settings(max_examples=300)
+def test_fmt_keeps_meaning_and_is_idempotent(source):
+    try:
+        before = parse(source)
+    except ckptmap.CkptmapError:
+        return  # a comment line without '#' is not rule text; fmt only takes what parses
+    once = format_text(source)
+    assert parse(once) == before, (source, once)
+    assert format_text(once) == once, (source, once)
 
 
 # --- the parser raises only CkptmapError ---------------------------------------------------------

@@ -380,3 +380,19 @@ def test_a_name_given_twice_in_a_shard_index_is_refused(tmp_path):
     )
     index.write_text(text)
     assert "names '0.weight' twice" in _run("inspect", folder, status=2)
+
+
+# --- 6. fmt never changes what a file means ---------------------------------------------------
+
+
+@pytest.mark.parametrize("odd", ["\f", "\x85", "\u2028", "\t\f "])
+def test_fmt_keeps_a_file_with_odd_whitespace_parsing(tmp_path, odd):
+    path = tmp_path / "r.ckmap"
+    blank = odd if odd.strip(" \t\f") == "" else "\f"  # the grammar's blanks: space, tab, \f
+    text = f'ckptmap 1\n{blank}\n# section two{odd}: wrappers\nstrip "module."  # ddp{odd}\n'
+    path.write_text(text)
+    before = ckptmap.load_rules(path)
+    _run("fmt", path, status=0)
+    after = path.read_text()
+    assert ckptmap.load_rules(path) == before, after
+    _run("fmt", "--check", path, status=0)  # a second pass changes nothing

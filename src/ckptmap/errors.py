@@ -139,5 +139,14 @@ def line_of(text: str | None, line: int) -> str | None:
     """The 1-based `line` of `text`, or None when there is no such line."""
     if text is None:
         return None
-    lines = text.splitlines()
+    lines = source_lines(text)
     return lines[line - 1] if 0 < line <= len(lines) else None
+
+
+def source_lines(text: str) -> list[str]:
+    """Rule text cut into lines as the grammar cuts it: at `\n` only (`str.splitlines` also
+    breaks at form feeds, U+0085 and U+2028, which rule text may hold in a comment)."""
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines

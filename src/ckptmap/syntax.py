@@ -18,7 +18,7 @@ from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
 from pydantic import ValidationError
 
-from .errors import CkptmapError, RuleSyntaxError, Span, UsageError, line_of
+from .errors import CkptmapError, RuleSyntaxError, Span, UsageError, line_of, source_lines
 from .rules import (
     ACTIONS,
     FORMS,
@@ -131,7 +131,7 @@ def _explain(e: UnexpectedInput, text: str, file: str | None) -> RuleSyntaxError
     token = getattr(e, "token", None)
     at_end = isinstance(e, UnexpectedEOF) or getattr(token, "type", None) == "$END"
     if at_end or line < 1:
-        lines = text.splitlines() or [""]
+        lines = source_lines(text) or [""]
         line, column = len(lines), len(lines[-1]) + 1
     line_text = line_of(text, line) or ""
     span = Span(file=file, line=line, column=column)
@@ -487,7 +487,7 @@ def format_text(text: str, path: str | Path | None = None) -> str:
     """
     ruleset = parse(text, path)
     by_line = {rule.span.line: rule for rule in ruleset.rules if rule.span}
-    lines = text.splitlines()
+    lines = source_lines(text)
     first = min(by_line, default=len(lines) + 1)
     header = next((n for n, ln in enumerate(lines[: first - 1], 1) if _HEADER.match(ln)), 0)
     out: list[str] = []
