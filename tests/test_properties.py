@@ -304,3 +304,53 @@ def test_bucketed_planning_equals_key_by_key_pipeline(rules, source):
     got = {e.source: e.target for e in plan.sources if e.status != "skipped"}
     assert got == expected
     assert {e.source for e in plan.sources if e.reason == "skip"} == skipped
+
+
+# --- string patterns: the linear matcher agrees with the regex that defines them -------------
+
+from ckptmap.patterns import Matcher, _glob_to_regex, _match_segments, _segments_of  # noqa: E402
+
+seg_parts = st.sampled_from(["a", "b", "_", "ab", "{x}", "{y}", "{z}", "*", "{{", "}}"])
+pattern_segments = st.one_of(
+    st.just("**"), st.lists(seg_parts, min_size=1, max_size=4).map("".join)
+)
+string_patterns = st.lists(pattern_segments, min_size=1, max_size=4).map(".".join)
+key_texts = st.lists(st.text(alphabet="ab_{}", max_size=5), min_size=1, max_size=5).map(".".join)
+
+
+@given(string_patterns, key_texts)
+@settings(max_examples=1500)
+def test_segment_matcher_agrees_with_the_regex(pattern, key):
+    try:
+        source, _, _ = _glob_to_regex(pattern)
+    except Exception:
+        return  # a malformed pattern (a capture bound twice): refused at compile time
+    import re
+
+    m = re.compile(source).fullmatch("." + key)
+    found = _match_segments(_segments_of(pattern), key)
+    if m is None:
+        assert found is None, (pattern, key, found)
+        return
+    assert found is not None, (pattern, key, m)
+    spans, rest = found
+    want = {n[2:]: (m.start(n) - 1, m.end(n) - 1) for n in m.re.groupindex if n != "_rest"}
+    assert spans == want, (pattern, key)
+    want_rest = None if m.start("_rest") < 0 else (m.start("_rest") - 1, m.end("_rest") - 1)
+    assert rest == want_rest, (pattern, key)
+
+
+def test_string_patterns_never_backtrack_without_bound():
+    import time
+
+    cases = [
+        ("blk{i}_{j}", "blk" + "_" * 20000 + "."),
+        ("{p}{q}{r}{s}x", "a" * 4000),
+        ("**.**.**.x", ".".join(["a"] * 3000)),
+        ("*a*a*a*b", "a" * 4000),
+    ]
+    for pattern, key in cases:
+        matcher = Matcher(pattern)
+        start = time.perf_counter()
+        matcher.match(key)
+        assert time.perf_counter() - start < 0.5, pattern

@@ -396,3 +396,234 @@ def test_fmt_keeps_a_file_with_odd_whitespace_parsing(tmp_path, odd):
     after = path.read_text()
     assert ckptmap.load_rules(path) == before, after
     _run("fmt", "--check", path, status=0)  # a second pass changes nothing
+
+
+# --- 4 and 5. hostile input: bounded work, one line, exit 2 -------------------------------------
+
+import stat  # noqa: E402
+import time  # noqa: E402
+
+ENTRY = '{{"dtype": "F32", "shape": {shape}, "data_offsets": [0, {size}]}}'
+
+
+def _header_file(path: Path, header: str, data: bytes = b"") -> Path:
+    _safetensors_with_header(path, header, data)
+    return path
+
+
+def _one_line_exit_2(*args) -> str:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert (
+        ("Traceback" not in result.output
+        and result.exception is None)
+        or isinstance(result.exception, SystemExit)
+    ), result.output
+    return result.output
+
+
+HOSTILE_HEADERS = {
+    "a dtype that is a list": '{"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}',
+    "a header nested deeply": '{"w": ' + "[" * 100000 + "]" * 100000 + "}",
+    "an integer of 5000 digits": '{"w": {"dtype": "F32", "shape": ['
+    + "9" * 5000
+    + '], "data_offsets": [0, 4]}}',
+    "aliases naming __metadata__": '{"__metadata__": {"ckptmap.aliases": "{\\"x\\": \\"__metadata__\\"}"}, "w": '
+    + ENTRY.format(shape="[1]", size=4)
+    + "}",
+    "aliases nested deeply": '{"__metadata__": {"ckptmap.aliases": "'
+    + "[" * 100000
+    + '"}, "w": '
+    + ENTRY.format(shape="[1]", size=4)
+    + "}",
+    "a dimension of 2**70": '{"w": {"dtype": "F32", "shape": [0, 1180591620717411303424], "data_offsets": [0, 0]}}',
+    "a key of a megabyte": '{"' + "k" * (1 << 20) + '": ' + ENTRY.format(shape="[1]", size=4) + "}",
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_HEADERS))
+def test_hostile_safetensors_headers_are_one_line_and_exit_2(tmp_path, case):
+    path = _header_file(tmp_path / "h.safetensors", HOSTILE_HEADERS[case], bytes(4))
+    start = time.perf_counter()
+    for command in (["inspect", path], ["plan", tmp_path / "r.ckmap", "-s", path]):
+        (tmp_path / "r.ckmap").write_text("")
+        _one_line_exit_2(*command)
+    assert time.perf_counter() - start < 5
+
+
+def test_too_many_keys_are_refused_before_parsing(tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPTMAP_MAX_KEYS", "1000")
+    entries = ", ".join(f'"k{i}": {ENTRY.format(shape="[0]", size=0)}' for i in range(1001))
+    path = _header_file(tmp_path / "many.safetensors", "{" + entries + "}")
+    output = _one_line_exit_2("inspect", path)
+    assert "more than 1,000 tensors" in output and "CKPTMAP_MAX_KEYS" in output
+
+
+def test_limits_can_be_raised(tmp_path, monkeypatch):
+    long = "k" * 5000
+    path = _header_file(
+        tmp_path / "long.safetensors",
+        f'{{"{long}": {ENTRY.format(shape="[1]", size=4)}}}',
+        bytes(4),
+    )
+    assert "CKPTMAP_MAX_KEY_LENGTH" in _one_line_exit_2("inspect", path)
+    monkeypatch.setenv("CKPTMAP_MAX_KEY_LENGTH", "10000")
+    assert runner.invoke(app, ["inspect", str(path)]).exit_code == 0
+
+
+def test_a_key_length_limit_applies_to_state_dicts_too():
+    with pytest.raises(ckptmap.CkptmapError, match="CKPTMAP_MAX_KEY_LENGTH"):
+        ckptmap.compile("").plan({"k" * 5000: [1]})
+
+
+PRINT_BREAKERS = ["[/]", "a{1}b", "x." + "7" * 5000 + ".w", "a\ud800", "evil\x1b[2J\x1b[31m", ":x:"]
+
+
+@pytest.mark.parametrize(
+    "name", PRINT_BREAKERS, ids=["markup", "braces", "digits", "surrogate", "csi", "emoji"]
+)
+def test_key_names_are_printed_verbatim_and_escaped(tmp_path, name, monkeypatch):
+    monkeypatch.setenv("CKPTMAP_MAX_KEY_LENGTH", "10000")  # a 5,000-digit index, once allowed
+    source: dict = {name: torch.zeros(1), "ok": torch.zeros(1)}
+    path = tmp_path / "names.pt"
+    torch.save(source, path)  # torch files may hold any str key
+    (tmp_path / "r.ckmap").write_text("")
+    for command in (["inspect", path], ["plan", tmp_path / "r.ckmap", "-s", path]):
+        result = runner.invoke(app, [str(a) for a in command])
+        assert result.exit_code == 0 and result.exception is None, result.output
+        assert "\x1b" not in result.output  # control characters never reach the terminal raw
+
+
+HOSTILE_RULES = {
+    "a repeat count too big": 'rename /a{9999999999}/ -> "x"',
+    "regex groups nested 500 deep": "skip /" + "(" * 500 + "a" + ")" * 500 + "/",
+    "op arguments nested 400 deep": 'transform "a" | pad(' + "[" * 400 + "1" + "]" * 400 + ")",
+    "a lone surrogate in a regex": "skip /a\ud800/",
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_RULES))
+def test_hostile_rule_text_raises_only_ckptmap_errors(case):
+    try:
+        ckptmap.compile(HOSTILE_RULES[case]).plan({"a": [1]})
+    except ckptmap.CkptmapError as e:
+        e.render()
+
+
+HOSTILE_YAML = {
+    "billion laughs": "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join('*' + chr(97 + i) for _ in range(9))}]\n"
+        for i in range(8)
+    )
+    + "rules: []\n",
+    "nested 1000 deep": "rules: " + "[" * 1000 + "]" * 1000 + "\n",
+    "a surrogate in a regex": 'rules:\n  - skip: {regex: "a\\ud800"}\n',
+    "an op with two names": "rules:\n  - transform: {from: a, ops: [{transpose: [0, 1], cast: [x]}]}\n",
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_YAML))
+def test_hostile_yaml_is_one_line_and_bounded(tmp_path, case):
+    path = tmp_path / "r.yaml"
+    path.write_text(HOSTILE_YAML[case], encoding="utf-8", errors="surrogatepass")
+    start = time.perf_counter()
+    result = runner.invoke(app, ["check", str(path)])
+    assert time.perf_counter() - start < 5
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output
+
+
+def test_yaml_aliases_are_refused(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("x: &a {skip: a}\nrules:\n  - *a\n")
+    assert "aliases" in _one_line_exit_2("check", path)
+
+
+def test_a_planned_tensor_larger_than_memory_is_refused_before_allocating(tmp_path):
+    sd = {"w": torch.zeros(4)}
+    with pytest.raises(ckptmap.CkptmapError, match="this machine has"):
+        ckptmap.migrate(sd, 'transform "w" | pad(0, 0, 1000000000000000)')
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert "not a regular file" in _one_line_exit_2("inspect", fifo)
+    rules_fifo = tmp_path / "pipe.ckmap"
+    os.mkfifo(rules_fifo)
+    assert "not a regular file" in _one_line_exit_2("check", rules_fifo)
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        '{"w": [-1]}',
+        '{"w": [2.7]}',
+        '{"w": "12"}',
+        '{"w": [true, false]}',
+        '{"w": [1e999]}',
+        "[" * 100000 + "]" * 100000,
+    ],
+)
+def test_a_target_json_is_validated(tmp_path, shapes, inputs):
+    path = tmp_path / "t.json"
+    path.write_text(shapes)
+    output = _one_line_exit_2("plan", inputs["rules"], "-s", inputs["source"], "-t", path)
+    assert "CKM540" in output
+
+
+def test_an_absurd_shard_size_is_one_line(inputs, tmp_path):
+    output = _one_line_exit_2(
+        "apply",
+        inputs["rules"],
+        "-s",
+        inputs["source"],
+        "-o",
+        tmp_path / "o",
+        "--max-shard-size",
+        "9" * 400 + "GB",
+    )
+    assert "CKM535" in output
+
+
+@pytest.mark.parametrize("bad", ["bad\x00name.safetensors", "n" * 5000 + ".safetensors"])
+def test_odd_file_names_in_a_shard_index_are_one_line(tmp_path, bad):
+    folder = write_hf_sharded(tmp_path / "hf", _pretrained(), shards=2)
+    index = folder / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    doc["weight_map"]["0.weight"] = bad
+    index.write_text(json.dumps(doc))
+    _one_line_exit_2("inspect", folder)
+
+
+def test_shipped_rules_on_zero_dimensional_tensors_are_plan_problems():
+    for name in ("head-select-classes", "gpt2-conv1d-to-linear", "qkv-fuse"):
+        rules = ckptmap.compile(Path(f"ckptmap:{name}"))
+        keys = {
+            t.pattern.text.replace("{i}", "0") for t in rules.ruleset.rules if hasattr(t, "pattern")
+        }
+        plan = rules.plan({k: [] for k in keys if "*" not in k})
+        assert plan is not None  # no IndexError: problems are reported, not raised
+
+
+def test_unstack_of_an_empty_dimension_is_a_plan_problem():
+    plan = ckptmap.compile('split "w" -> "w.{e}" | unstack(0)').plan({"w": [0, 4]})
+    assert plan is not None
+
+
+def test_nested_and_sparse_tensors_in_a_pt_are_one_line(tmp_path):
+    path = tmp_path / "odd.pt"
+    torch.save(
+        {
+            "s": torch.eye(3).to_sparse(),
+            "n": torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)]),
+            "ok": torch.zeros(1),
+        },
+        path,
+    )
+    (tmp_path / "r.ckmap").write_text("")
+    for command in (["inspect", path], ["plan", tmp_path / "r.ckmap", "-s", path]):
+        result = runner.invoke(app, [str(a) for a in command])
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.output

@@ -362,6 +362,36 @@ def _unloadable(t: Any) -> str | None:
     return None
 
 
+def refuse_oversized(plan: Plan) -> None:
+    """Every tensor the plan would hold (read, made or kept) must fit in this machine's
+    memory: a rule like `pad(0, 0, 10**15)` or a file claiming a terabyte is refused here,
+    not by the allocator halfway through."""
+    import math
+    import os
+
+    from .plan import itemsize
+
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    sizes = [math.prod(v.shape) * itemsize(v.dtype) for v in plan.values]
+    if not sizes or max(sizes) <= memory:
+        return
+    value = max(range(len(sizes)), key=sizes.__getitem__)
+    names = [o.target for o in plan.outputs if o.value == value]
+    names += [e.source for e in plan.sources if e.value == value]
+    step = next((st for st in plan.steps if value in st.outputs), None)
+    what = (
+        names[0] if names else f"a tensor made by {plan.rules[step.rule]}" if step else "a tensor"
+    )
+    raise LoadError(
+        f"{what} {plan.values[value].shape} needs {sizes[value]:,} bytes; this machine has "
+        f"{memory:,}",
+        code="CKM407",
+    )
+
+
 def _put_back(undo: list) -> None:
     """Every tensor object back in its module, holding what it held before (last first)."""
     import torch
@@ -382,6 +412,7 @@ def apply_plan(plan: Plan, source: Any) -> dict[str, torch.Tensor]:
     import torch
 
     plan.check()
+    refuse_oversized(plan)
     tensors = _checked_source(plan, source)
     loaded = [o for o in plan.outputs if o.status == "loaded"]
     evaluator = Evaluator(plan, tensors.__getitem__, [o.value for o in loaded])
@@ -439,6 +470,7 @@ def load_into(
             raise LoadError(
                 f"{o.target}: cannot load a complex tensor ({o.dtype}) into {dst}", code="CKM403"
             )
+    refuse_oversized(plan)
     tensors = _checked_source(plan, source)
     _refuse_unloadable(plan, source, tensors)
     _stream_into(
@@ -514,6 +546,7 @@ def write_plan(
     from .plan import TensorMeta
 
     plan.check()
+    refuse_oversized(plan)
     meta = checkpoint.meta()
     problems = [f"{e.source}: not in the checkpoint" for e in plan.sources if e.source not in meta]
     problems += [

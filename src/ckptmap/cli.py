@@ -63,12 +63,31 @@ StrictOpt = Annotated[
 ]
 
 
+class _Console(Console):
+    """Key names come from files: control characters (a terminal's escape sequences),
+    format characters and lone surrogates are printed as escapes, never as they are."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(visible(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+def visible(text: str) -> str:
+    """`text` with every character that would act on a terminal (or cannot be encoded)
+    written as a Python escape; line breaks and tabs kept."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c in "\n\t" or c.isprintable() else c.encode("unicode_escape").decode("ascii")
+        for c in text
+    )
+
+
 def out() -> Console:
-    return Console(highlight=False, soft_wrap=True, emoji=False)
+    return _Console(highlight=False, soft_wrap=True, emoji=False)
 
 
 def err() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+    return _Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 def print_table(console: Console, table: Table) -> None:
@@ -138,6 +157,7 @@ def fmt(
 
     def body() -> None:
         from .errors import RuleSyntaxError
+        from .io import refuse_special
         from .io.write import write_text_atomically
         from .syntax import format_text
 
@@ -146,6 +166,7 @@ def fmt(
             if path.suffix != ".ckmap":
                 raise RuleSyntaxError(f"{path}: fmt formats .ckmap files", code="CKM111")
             try:
+                refuse_special(path, RuleSyntaxError)
                 text = path.read_text(encoding="utf-8")
             except OSError as e:
                 raise RuleSyntaxError(
@@ -213,14 +234,14 @@ def print_inspect(console: Console, ckpt: Checkpoint) -> None:
     rows = []
     for (shape, dtype), keys in groups.items():
         for pattern, count in collapse_keys(keys):
-            first = next(k for k in keys if _first_match_of(pattern, k))
+            first = next((k for k in keys if _first_match_of(pattern, k)), keys[0])
             rows.append((order[first], pattern, shape, dtype, count))
     table = Table(box=None, show_header=True, header_style="bold")
     for col in ("key", "shape", "dtype", "count"):
         table.add_column(col, justify="right" if col == "count" else "left", overflow="fold")
     for _, pattern, shape, dtype, count in sorted(rows):
         table.add_row(
-            pattern,
+            escape(visible(pattern)),
             str(list(shape)),
             _DTYPE_SHORT.get(dtype or "", dtype or "?"),
             f"×{count}" if count > 1 else "",  # noqa: RUF001
@@ -244,15 +265,10 @@ def _metadata_text(value: str) -> str:
     return value if len(value) <= 300 else value[:297] + "..."
 
 
-_OTHER_SIZES = {"complex32": 4, "complex64": 8, "complex128": 16, "qint8": 1, "quint8": 1}
-_OTHER_SIZES |= {"qint32": 4, "quint4x2": 1, "uint16": 2, "uint32": 4, "uint64": 8}
-
-
 def _nbytes(shape, dtype: str | None) -> int:
-    from .io.safetensors import CODES, DTYPES
+    from .plan import itemsize
 
-    size = DTYPES[CODES[dtype]][1] if dtype in CODES else _OTHER_SIZES.get(dtype or "", 1)
-    return math.prod(shape) * size
+    return math.prod(shape) * itemsize(dtype)
 
 
 def _first_match_of(pattern: str, key: str) -> bool:
@@ -279,15 +295,29 @@ def _target(spec: str | None) -> Any:
     path = Path(spec)
     if path.suffix == ".json" and path.is_file():
         from .errors import CheckpointError
+        from .limits import check_keys
         from .plan import TensorMeta
 
         try:
-            data = json.loads(path.read_text())
-            return {k: TensorMeta(tuple(int(d) for d in v)) for k, v in data.items()}
-        except (ValueError, TypeError, AttributeError) as e:
+            data = json.loads(_read_text(path))
+        except (ValueError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+            raise CheckpointError(f"{path}: not valid JSON ({why})", code="CKM540") from None
+        if not isinstance(data, dict):
             raise CheckpointError(
-                f"{path}: not a JSON object of {{name: [shape]}} ({e})", code="CKM540"
+                f"{path}: not a JSON object of {{name: [shape]}}", code="CKM540"
             ) from None
+        check_keys(data, str(path))
+        for key, shape in data.items():
+            if not isinstance(shape, list) or not all(
+                type(d) is int and 0 <= d < 2**63 for d in shape
+            ):
+                raise CheckpointError(
+                    f"{path}: {key!r} has the shape {json.dumps(shape)[:80]}, not a list of "
+                    "whole numbers >= 0",
+                    code="CKM540",
+                )
+        return {k: TensorMeta(tuple(v)) for k, v in data.items()}
     if path.exists():
         return path
     if ":" in spec:
@@ -610,7 +640,9 @@ def apply(
 
 def _read_text(path: Path) -> str:
     from .errors import CheckpointError
+    from .io import refuse_special
 
+    refuse_special(path)
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -761,6 +793,9 @@ def _die_quietly_on_broken_pipes() -> None:
 
 
 def main() -> None:
+    for stream in (sys.stdout, sys.stderr):  # a name no encoding can take is escaped, not fatal
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     _die_quietly_on_broken_pipes()
     _give_back_freed_tensors()
     app()

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import RuleCompileError, RuleSyntaxError, Span, UsageError, line_of
+from .errors import PlanError, RuleCompileError, RuleSyntaxError, Span, UsageError, line_of
 from .ops import Op, OpArgError, make
-from .patterns import Matcher, PatternError, Template
+from .patterns import Matcher, PatternError, RegexTimeout, Template
 from .rules import (
     ACTIONS,
     Freeze,
@@ -111,7 +111,8 @@ class Program:
         for r in rules:
             if isinstance(r.node, Policy):  # the last word on a problem wins, like sed
                 self.policies[r.node.problem] = r.node.action
-        self.fingerprint = "sha256:" + hashlib.sha256(self.to_text().encode()).hexdigest()
+        text = self.to_text().encode("utf-8", "surrogatepass")  # a lone surrogate is text too
+        self.fingerprint = "sha256:" + hashlib.sha256(text).hexdigest()
 
     def to_text(self) -> str:
         """The program as canonical rule text, includes spliced in."""
@@ -143,7 +144,11 @@ class Program:
         )
         with _no_gc():  # headers and plans: many small objects, none of them garbage
             target_desc = describe(target, role="target") if target is not None else None
-            return build_plan(self, describe(source, role="source"), target_desc, policies)
+            source_desc = describe(source, role="source")
+            try:
+                return build_plan(self, source_desc, target_desc, policies)
+            except RegexTimeout as e:
+                raise PlanError(e.message, code=e.code) from None
 
     def __repr__(self) -> str:
         return f"<Program {len(self.rules)} rules {self.fingerprint[:19]}>"

@@ -2,16 +2,26 @@
 
 String patterns match dotted keys segment by segment; a pattern matches a key
 when it matches the key's leading segments (the key itself or anything under
-it). Regex patterns must match the whole key. Both compile to one Python
-regex, built once.
+it). Regex patterns must match the whole key.
+
+Key names come from files downloaded from anywhere, so matching a string pattern
+never backtracks without bound: a pattern whose regex would stay linear (at most
+one `**`, at most one capture or `*` per segment) runs as one compiled regex; any
+other runs segment by segment, each segment's captures taken leftmost-shortest
+with `str.find`, `**` extended one segment at a time: time linear in the key for
+a given pattern, with the same result the regex would give.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+REGEX_BUDGET = 5.0  # seconds one regex rule may spend matching, over all keys of a plan
 
 
 class PatternError(ValueError):
@@ -22,6 +32,10 @@ class PatternError(ValueError):
         self.message = message
         self.offset = offset
         self.code = code
+
+
+class RegexTimeout(PatternError):
+    """A user regex that spent its time budget: catastrophic backtracking on some key."""
 
 
 @dataclass(frozen=True)
@@ -35,16 +49,29 @@ class Match:
 class Matcher:
     """A compiled pattern. `match(key)` returns a `Match` or None."""
 
-    __slots__ = ("_regex", "is_regex", "literal", "names", "text")
+    __slots__ = ("_budget", "_regex", "_segments", "is_regex", "literal", "names", "text")
 
     def __init__(self, text: str, regex: bool = False):
         self.text = text
         self.is_regex = regex
+        self._segments: list[_Segment | None] | None = None
         if regex:
+            # the `regex` engine, not `re`: it can give up after a time budget (a regex from a
+            # shared rule file meets key names from a downloaded file)
+            import regex as engine
+
             try:
-                self._regex = re.compile(text)
+                re.compile(text)  # re's messages point at the mistake; regex's at the end
+                self._regex = engine.compile(text)
             except re.error as e:
                 raise PatternError(f"invalid regex: {e.msg}", e.pos or 0, "CKM201") from None
+            except engine.error as e:
+                message = str(e).split(" at position")[0]
+                raise PatternError(f"invalid regex: {message}", e.pos or 0, "CKM201") from None
+            except (RecursionError, OverflowError, ValueError, MemoryError) as e:
+                why = "nests too deeply" if isinstance(e, RecursionError) else str(e)
+                raise PatternError(f"invalid regex: {why}", 0, "CKM201") from None
+            self._budget = REGEX_BUDGET
             self.names = frozenset(self._regex.groupindex) | {
                 str(i) for i in range(self._regex.groups + 1)
             }
@@ -53,17 +80,31 @@ class Matcher:
             source, names, self.literal = _glob_to_regex(text)
             self._regex = re.compile(source)
             self.names = frozenset(names)
+            segments = _segments_of(text)
+            if sum(s is None for s in segments) > 1 or any(
+                s is not None and len(s.holes) > 1 for s in segments
+            ):
+                self._segments = segments  # the regex could backtrack: match segment-wise
 
     def match(self, key: str) -> Match | None:
         if not key.startswith(self.literal):
             return None
         if self.is_regex:
-            m = self._regex.fullmatch(key)
+            m = self._fullmatch(key)
             if m is None:
                 return None
             captures = {str(i): m.group(i) or "" for i in range(self._regex.groups + 1)}
             captures.update((k, v or "") for k, v in m.groupdict().items())
             return Match(captures, "")
+        if self._segments is not None:
+            found = self.spans(key)
+            if found is None:
+                return None
+            spans, rest = found
+            return Match(
+                {name: key[a:b] for name, (a, b) in spans.items()},
+                key[rest[0] : rest[1]] if rest else "",
+            )
         m = self._regex.fullmatch("." + key)
         if m is None:
             return None
@@ -71,10 +112,28 @@ class Matcher:
         rest = groups.pop("_rest") or ""
         return Match({k[2:]: v for k, v in groups.items()}, rest)
 
+    def _fullmatch(self, key: str):
+        """A user regex against a key, within what is left of this pattern's time budget."""
+        start = time.perf_counter()
+        try:
+            return self._regex.fullmatch(key, timeout=max(self._budget, 0.001))
+        except TimeoutError:
+            raise RegexTimeout(
+                f"the regex /{self.text}/ spent its {REGEX_BUDGET:g} s budget (at key "
+                f"{key[:60]!r}{'...' if len(key) > 60 else ''}): it backtracks without bound; "
+                "avoid nested repeats like (a+)+",
+                0,
+                "CKM213",
+            ) from None
+        finally:
+            self._budget -= time.perf_counter() - start
+
     def spans(self, key: str) -> tuple[dict[str, tuple[int, int]], tuple[int, int] | None] | None:
         """Where each capture and the rest lie in `key` (string patterns), or None: no match."""
         if self.is_regex or not key.startswith(self.literal):
             return None
+        if self._segments is not None:
+            return _match_segments(self._segments, key)
         m = self._regex.fullmatch("." + key)
         if m is None:
             return None
@@ -124,7 +183,7 @@ def _segment_to_regex(segment: str, offset: int, names: list[str]) -> str:
         elif pair == "**":
             raise PatternError("`**` must be a whole segment, between dots", offset + i)
         elif ch == "*":
-            out.append(r"[^.]*")
+            out.append(r"[^.]*?")  # as few as it can, like a capture
             i += 1
         elif ch == "{":
             end = segment.find("}", i)
@@ -143,6 +202,121 @@ def _segment_to_regex(segment: str, offset: int, names: list[str]) -> str:
             out.append(re.escape(ch))
             i += 1
     return "".join(out)
+
+
+class _Segment:
+    """One segment of a string pattern: literals around holes (a capture needs at least one
+    character, a `*` none): `literals[0] hole literals[1] hole ... literals[-1]`."""
+
+    __slots__ = ("holes", "literals")
+
+    def __init__(self, literals: list[str], holes: list[tuple[str | None, int]]):
+        self.literals = literals
+        self.holes = holes
+
+    def match(self, s: str) -> list[tuple[str, int, int]] | None:
+        """Capture spans within `s`, leftmost-shortest as a lazy regex takes them, or None.
+
+        Taking each literal at its first place leaves the most room to what follows, so
+        if any split fits, this one does: one `str.find` per hole."""
+        literals, holes = self.literals, self.holes
+        first, last = literals[0], literals[-1]
+        if not holes:
+            return [] if s == first else None
+        end = len(s) - len(last)
+        if end < len(first) or not s.startswith(first) or not s.endswith(last):
+            return None
+        pos, spans = len(first), []
+        for (name, least), literal in zip(holes, literals[1:-1], strict=False):
+            at = s.find(literal, pos + least, end)
+            if at < 0:
+                return None
+            if name is not None:
+                spans.append((name, pos, at))
+            pos = at + len(literal)
+        name, least = holes[-1]
+        if end - pos < least:
+            return None
+        if name is not None:
+            spans.append((name, pos, end))
+        return spans
+
+
+def _segments_of(text: str) -> list[_Segment | None]:
+    """The pattern's segments (None for `**`), for matching without a regex. The text has
+    been checked by `_glob_to_regex`."""
+    out: list[_Segment | None] = []
+    for segment in text.split("."):
+        if segment == "**":
+            out.append(None)
+            continue
+        literals, holes, current, i = [], [], [], 0
+        while i < len(segment):
+            pair = segment[i : i + 2]
+            if pair in ("{{", "}}"):
+                current.append(segment[i])
+                i += 2
+            elif segment[i] in "*{":
+                literals.append("".join(current))
+                current = []
+                if segment[i] == "*":
+                    holes.append((None, 0))
+                    i += 1
+                else:
+                    end = segment.index("}", i)
+                    holes.append((segment[i + 1 : end], 1))
+                    i = end + 1
+            else:
+                current.append(segment[i])
+                i += 1
+        literals.append("".join(current))
+        # adjacent `*` holes: one hole (a regex `[^.]*[^.]*` means the same)
+        out.append(_Segment(literals, holes))
+    return out
+
+
+def _match_segments(
+    pattern: list[_Segment | None], key: str
+) -> tuple[dict[str, tuple[int, int]], tuple[int, int] | None] | None:
+    """Align pattern segments with the key's leading segments: `**` takes as few segments as
+    it can (extended one at a time, never revisiting an earlier `**`, as in glob matching);
+    what is left over is the rest. Capture spans and the rest's span, in key offsets."""
+    parts = key.split(".")
+    starts, at = [], 0
+    for part in parts:
+        starts.append(at)
+        at += len(part) + 1
+    n, m = len(parts), len(pattern)
+    i = j = 0
+    star_i, star_j = -1, 0
+    placed: list[int] = [0] * m
+    while True:
+        if i == m:
+            # whatever is left is the rest: "" or "." and at least one more character
+            if j == n or len(key) - starts[j] > 0:
+                break
+        elif pattern[i] is None:
+            star_i, star_j = i, j
+            i += 1
+            continue
+        elif j < n and pattern[i].match(parts[j]) is not None:  # type: ignore[union-attr]
+            placed[i] = j
+            i, j = i + 1, j + 1
+            continue
+        # extend the last `**` by one (non-empty) segment and try again from there
+        if star_i < 0 or star_j >= n or not parts[star_j]:
+            return None
+        star_j += 1
+        i, j = star_i + 1, star_j
+    spans: dict[str, tuple[int, int]] = {}
+    for index, segment in enumerate(pattern):
+        if segment is None:
+            continue
+        offset = starts[placed[index]]
+        for name, a, b in segment.match(parts[placed[index]]) or ():
+            spans[name] = (offset + a, offset + b)
+    rest = (starts[j] - 1, len(key)) if j < n else None
+    return spans, rest
 
 
 def _check_capture_name(name: str, offset: int) -> None:

@@ -56,6 +56,17 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+_OTHER_SIZES = {"complex32": 4, "complex64": 8, "complex128": 16, "qint8": 1, "quint8": 1}
+_OTHER_SIZES |= {"qint32": 4, "quint4x2": 1, "uint16": 2, "uint32": 4, "uint64": 8}
+
+
+def itemsize(dtype: str | None) -> int:
+    """Bytes per element of a dtype named as torch names it (1 when it is not known)."""
+    from .io.safetensors import CODES, DTYPES
+
+    return DTYPES[CODES[dtype]][1] if dtype in CODES else _OTHER_SIZES.get(dtype or "", 1)
+
+
 def describe(obj: Any, role: str = "source") -> Described:
     """Metadata of a state_dict, `{name: shape}`, nn.Module or checkpoint path (no tensor data)."""
     from .io import Checkpoint
@@ -84,6 +95,8 @@ def describe(obj: Any, role: str = "source") -> Described:
 
 
 def _meta_of(mapping: Mapping[str, Any], role: str) -> dict[str, TensorMeta]:
+    from .limits import check_keys
+
     torch = sys.modules.get("torch")
     tensor = torch.Tensor if torch is not None else ()
     out: dict[str, TensorMeta] = {}
@@ -94,13 +107,16 @@ def _meta_of(mapping: Mapping[str, Any], role: str) -> dict[str, TensorMeta]:
             out[key] = TensorMeta(tuple(value.shape), dtype_name(value.dtype))
         elif isinstance(value, TensorMeta):
             out[key] = value
-        elif isinstance(value, (tuple, list)) and all(isinstance(d, int) and d >= 0 for d in value):
+        elif isinstance(value, (tuple, list)) and all(
+            type(d) is int and 0 <= d < 2**63 for d in value
+        ):
             out[key] = TensorMeta(tuple(value))
         else:
             raise UsageError(
                 f"{role} entry {key!r} is {value!r}: not a tensor, nor a shape (a list of "
                 "whole numbers >= 0)"
             )
+    check_keys(out, f"the {role}")
     return out
 
 
@@ -599,7 +615,13 @@ class _Builder:
         """Add a step; on an op that does not fit, a problem naming keys, shapes and rule."""
         try:
             outs = op.infer([self.meta(v) for v in inputs])
-        except OpError as e:
+            if not outs:
+                raise OpError("it makes no tensor at all")
+        except (OpError, IndexError, ValueError, TypeError, ZeroDivisionError, OverflowError) as e:
+            # shape arithmetic on a shape the op was not written for (a 0-d tensor) is a
+            # tensor that does not fit, like any other
+            if not isinstance(e, OpError):
+                e = OpError(f"not for a tensor of {len(self.meta(inputs[0]).shape)} dimensions")
             shapes = ", ".join(
                 f"{n} {list(self.meta(v).shape)}" for n, v in zip(names, inputs, strict=True)
             )
@@ -848,6 +870,18 @@ class _Builder:
                 _fail([n], "op", rule)
                 if not rule.gather:
                     self.failed_names.update(t.render(m.captures) for t in rule.templates)
+                continue
+            if not pieces:  # unstack of an empty dimension: the tensor would vanish
+                _fail([n], "split", rule)
+                self.problems.append(
+                    _problem(
+                        "CKM309",
+                        "split",
+                        f"{rule.where()}: {n.name!r} splits into no pieces at all",
+                        [n.name],
+                        [rule.id],
+                    )
+                )
                 continue
             if rule.gather:
                 names = [

@@ -279,7 +279,7 @@ def _by_rule(entries: list, attr: str) -> dict[str, list[str]]:
 
 # --- collapsing layer ranges -----------------------------------------------------------------
 
-_NUMBERED = re.compile(r"(\D*?)(0|[1-9]\d*)")
+_NUMBERED = re.compile(r"(\D*?)(0|[1-9]\d{0,17})")  # longer digit runs are names, not indices
 
 
 def collapse_keys(keys: Iterable[str]) -> list[tuple[str, int]]:

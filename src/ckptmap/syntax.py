@@ -83,12 +83,18 @@ def parse(text: str, path: str | Path | None = None) -> Ruleset:
                 hint=f"pass a pathlib.Path to read a file: Path({text.strip()!r})",
             ) from None
         raise _explain(e, text, file) from None
+    except RecursionError:
+        raise RuleSyntaxError(f"{file or '<rules>'}: nests too deeply", code="CKM101") from None
     try:
         return _ToIR(text, file).transform(tree)
     except VisitError as e:
         if isinstance(e.orig_exc, CkptmapError):
             raise e.orig_exc from None
+        if isinstance(e.orig_exc, RecursionError):
+            raise RuleSyntaxError(f"{file or '<rules>'}: nests too deeply", code="CKM101") from None
         raise
+    except RecursionError:
+        raise RuleSyntaxError(f"{file or '<rules>'}: nests too deeply", code="CKM101") from None
 
 
 _EXPECTED = {
@@ -358,6 +364,19 @@ def _unescape_regex(body: str) -> str:
 # --- YAML / JSON -------------------------------------------------------------------------
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: `*name` can expand a 300-byte file into gigabytes ("billion
+    laughs"), and a rule file never needs one."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.get_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in rule files", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
 def parse_yaml(text: str, path: str | Path | None = None) -> Ruleset:
     """Read the YAML (or JSON) form of a rule file into the same IR as the DSL."""
     file = str(path) if path is not None else None
@@ -374,7 +393,7 @@ def parse_yaml(text: str, path: str | Path | None = None) -> Ruleset:
 
     loader = None
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _NoAliasLoader(text)
         root = loader.get_single_node()
         data = loader.construct_document(root) if root is not None else None
     except yaml.MarkedYAMLError as e:
@@ -382,6 +401,8 @@ def parse_yaml(text: str, path: str | Path | None = None) -> Ruleset:
         raise error("CKM110", f"not valid YAML: {e.problem or e.context}", mark) from None
     except yaml.YAMLError as e:
         raise RuleSyntaxError(f"not valid YAML: {e}", code="CKM110") from None
+    except RecursionError:
+        raise RuleSyntaxError("not a rule file: it nests too deeply", code="CKM110") from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -460,6 +481,9 @@ def load_rules(path: str | Path) -> Ruleset:
             code="CKM111",
             hint="use .ckmap, .yaml, .yml or .json",
         )
+    from .io import refuse_special
+
+    refuse_special(path, RuleSyntaxError)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -7,6 +7,7 @@ at a time on demand. Formats are told by their bytes, not their names.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -15,7 +16,22 @@ from .safetensors import SafetensorsCheckpoint
 from .sharded import INDEX_NAMES, SINGLE_NAMES, ShardedCheckpoint
 from .torchfile import TorchCheckpoint
 
-__all__ = ["Checkpoint", "open_checkpoint"]
+__all__ = ["Checkpoint", "open_checkpoint", "refuse_special"]
+
+
+def refuse_special(path: Path, error: type = CheckpointError) -> None:
+    """A FIFO, socket or device is refused before it is opened: reading one could wait
+    forever or never end."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # the open that follows says what is wrong
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise error(
+            f"{path}: not a regular file (a pipe, socket or device); refused", code="CKM504"
+        )
 
 
 def open_checkpoint(path: str | Path, select: str | None = None) -> Checkpoint:
@@ -43,6 +59,7 @@ def open_checkpoint(path: str | Path, select: str | None = None) -> Checkpoint:
 
 
 def open_file(path: Path, select: str | None = None) -> Checkpoint:
+    refuse_special(path, CheckpointError)
     try:
         with open(path, "rb") as f:
             head = f.read(9)

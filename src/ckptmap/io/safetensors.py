@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import CheckpointError
+from ..limits import check_count, check_keys, limit
 from .base import Checkpoint
 
 if TYPE_CHECKING:
@@ -46,11 +47,13 @@ DTYPES: dict[str, tuple[str, int]] = {
 }
 CODES = {name: code for code, (name, _) in DTYPES.items()}
 ALIASES_KEY = "ckptmap.aliases"  # {name: stored name} for tensors stored once (tied)
-MAX_HEADER = 100 * 1024 * 1024
 CHUNK = 64 << 20  # bytes copied between progress updates and writeback starts
 PAGE = 4096  # the block size that aligned copies keep
 READ_PIECE = 2 << 20  # the least one thread reads of a tensor read by several
 BLOCK = 8 << 20  # bytes of a non-contiguous tensor made contiguous at a time for writing
+
+
+MAX_DIM = 2**63  # a size torch can hold
 
 
 def refuse_duplicate_keys(text: bytes | str, what: str) -> Any:
@@ -78,11 +81,13 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
                     f"{path}: {size} bytes, too short to be a safetensors file", code="CKM510"
                 )
             (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER:
+            most = limit("CKPTMAP_MAX_HEADER_BYTES")
+            if n > most:
                 raise CheckpointError(
-                    f"{path}: the header claims {n:,} bytes, over the limit of "
-                    f"{MAX_HEADER:,} (not safetensors, or a hostile file)",
+                    f"{path}: the header claims {n:,} bytes, over the limit of {most:,} "
+                    "(not safetensors, or a hostile file)",
                     code="CKM510",
+                    hint="a larger limit: CKPTMAP_MAX_HEADER_BYTES=N in the environment",
                 )
             if 8 + n > size:
                 raise CheckpointError(
@@ -93,11 +98,12 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
             body = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})", code="CKM501") from None
+    check_count(body.count(b'"data_offsets"'), str(path))  # before parsing: a bound on the work
     try:
         header = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError) as e:  # ValueError: also integers of 5,000 digits
         raise CheckpointError(
-            f"{path}: the header is not valid JSON ({e})", code="CKM511"
+            f"{path}: the header is not valid JSON ({str(e)[:200]})", code="CKM511"
         ) from None
     except RecursionError:
         raise CheckpointError(f"{path}: the header nests too deeply", code="CKM511") from None
@@ -107,6 +113,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     # given twice, which json.loads settles silently (last wins) and safetensors refuses
     if body.count(b'"data_offsets"') > len(header) - ("__metadata__" in header):
         refuse_duplicate_keys(body, f"{path}: the header")
+    check_keys(header, str(path))
     _validate(path, header, size - 8 - n)
     return header, 8 + n
 
@@ -130,7 +137,7 @@ def _validate(path: Path, header: dict[str, Any], data_size: int) -> None:
             shape, (begin, end) = info["shape"], info["data_offsets"]
             ok = (
                 type(shape) is list
-                and all(type(d) is int and d >= 0 for d in shape)
+                and all(type(d) is int and 0 <= d < MAX_DIM for d in shape)
                 and type(begin) is int
                 and type(end) is int
                 and 0 <= begin <= end <= data_size
@@ -160,12 +167,12 @@ def _explain(bad: Any, name: str, info: Any, data_size: int) -> None:
     if not isinstance(info, dict):
         raise bad(name, "its entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPES:
-        raise bad(name, f"unknown dtype {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise bad(name, f"unknown dtype {dtype!r}"[:200])
     if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape
     ):
-        raise bad(name, f"shape {shape!r} is not a list of sizes")
+        raise bad(name, f"shape {shape!r} is not a list of sizes below 2**63"[:200])
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -224,8 +231,11 @@ class SafetensorsCheckpoint(Checkpoint):
         try:
             ours = json.loads(raw)
             assert isinstance(ours, dict)
-            assert all(isinstance(v, str) and v in tensors for v in ours.values())
-        except (ValueError, AssertionError):
+            assert all(
+                isinstance(v, str) and v in tensors and v != "__metadata__" for v in ours.values()
+            )
+            assert all(k not in tensors for k in ours)
+        except (ValueError, AssertionError, RecursionError):
             raise CheckpointError(
                 f"{self.path}: malformed {ALIASES_KEY} metadata", code="CKM511"
             ) from None

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
+from ..limits import check_keys
 from .base import Checkpoint
 from .safetensors import refuse_duplicate_keys
 
@@ -46,16 +47,24 @@ class ShardedCheckpoint(Checkpoint):
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
             raise CheckpointError(f"{self.index}: no weight_map of names to files", code="CKM513")
+        check_keys(weight_map, str(self.index))
         folder = self.path.resolve()
         out = {}
         for name, file in weight_map.items():
-            shard = (folder / file).resolve()
+            try:
+                shard = (folder / file).resolve()
+                is_file = shard.is_file()
+            except (OSError, ValueError):  # a NUL, a name too long for the filesystem
+                raise CheckpointError(
+                    f"{self.index}: {name!r} is in {file[:80]!r}, not a usable file name",
+                    code="CKM515",
+                ) from None
             if not shard.is_relative_to(folder) or Path(file).is_absolute():
                 raise CheckpointError(
                     f"{self.index}: {name!r} points outside the folder ({file!r}); refused",
                     code="CKM514",
                 )
-            if not shard.is_file():
+            if not is_file:
                 raise CheckpointError(
                     f"{self.index}: {name!r} is in {file!r}, which is missing", code="CKM515"
                 )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
+from ..limits import check_keys
 from .base import Checkpoint
 
 if TYPE_CHECKING:
@@ -208,10 +209,16 @@ def pick_state_dict(obj: Any, select: str | None, path: Path) -> tuple[dict[str,
         obj = obj[picked]
     else:
         notes = [f"weights taken from {where}"] if select else []
-    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    tensors = {
+        k: v
+        for k, v in obj.items()
+        if isinstance(k, str) and isinstance(v, torch.Tensor) and not v.is_nested
+    }
     notes += [
-        f"{k!r} ({type(v).__name__}) is not a tensor, left out"
+        f"{k!r} ({'a nested tensor' if isinstance(v, torch.Tensor) else type(v).__name__}) "
+        "is not a plain tensor, left out"
         for k, v in obj.items()
         if k not in tensors
     ]
+    check_keys(tensors, str(path))
     return tensors, notes

@@ -158,7 +158,10 @@ def parse_size(text: str) -> int:
     unit = m.group(2).upper().rstrip("B")
     base = 1024 if unit.endswith("I") else 1000
     power = "KMGT".index(unit[0]) + 1 if unit else 0
-    return int(float(m.group(1)) * base**power)
+    size = float(m.group(1)) * base**power
+    if not 0 < size < 2**63:
+        raise CheckpointError(f"{text[:40]!r} is not a size a file can have", code="CKM535")
+    return int(size)
 
 
 def save_checkpoint(
