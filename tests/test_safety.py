@@ -414,10 +414,8 @@ def _header_file(path: Path, header: str, data: bytes = b"") -> Path:
 def _one_line_exit_2(*args) -> str:
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 2, result.output
-    assert (
-        ("Traceback" not in result.output
-        and result.exception is None)
-        or isinstance(result.exception, SystemExit)
+    assert ("Traceback" not in result.output and result.exception is None) or isinstance(
+        result.exception, SystemExit
     ), result.output
     return result.output
 
