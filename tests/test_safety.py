@@ -625,3 +625,29 @@ def test_nested_and_sparse_tensors_in_a_pt_are_one_line(tmp_path):
     for command in (["inspect", path], ["plan", tmp_path / "r.ckmap", "-s", path]):
         result = runner.invoke(app, [str(a) for a in command])
         assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB filesystem of its own (tmpfs; the tests run as root here and in CI)."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_full_disk_says_so_and_leaves_nothing(tmp_path, full_disk, suffix):
+    source = tmp_path / "big.safetensors"
+    save_file({"w": torch.zeros(256, 1024)}, source)  # 1 MiB: more than the disk holds
+    (tmp_path / "r.ckmap").write_text("")
+    output = _one_line_exit_2(
+        "apply", tmp_path / "r.ckmap", "-s", source, "-o", full_disk / f"o{suffix}"
+    )
+    assert "no space left on device" in output.lower(), output
+    assert list(full_disk.iterdir()) == []

@@ -8,6 +8,8 @@ at the destination (its partial file is cleaned up by the next write there).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -203,14 +205,29 @@ def save_checkpoint(
         os.replace(tmp, out)
         _fsync_dir(out.parent)
     except OSError as e:
+        error = _write_error(out, e)  # before the partial file goes: it may be what fills the disk
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"{out}: cannot write ({e.strerror})", code="CKM532") from None
+        raise error from None
     except BaseException:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         raise
     return [out]
+
+
+def _write_error(out: Path, e: OSError) -> CheckpointError:
+    if e.errno == errno.EFAULT:  # the bytes being copied were in a file that shrank meanwhile
+        return CheckpointError(
+            f"{out}: not written: a source file changed or was cut short while it was read",
+            code="CKM536",
+        )
+    why = e.strerror or str(e)
+    if e.errno != errno.ENOSPC:
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(out.parent).free < (1 << 20):  # what a writer's error hides
+                why = f"No space left on device; {why}"
+    return CheckpointError(f"{out}: cannot write ({why})", code="CKM532")
 
 
 def _write_torch(f, items, fetch, aliases, on_bytes) -> None:
@@ -225,7 +242,11 @@ def _write_torch(f, items, fetch, aliases, on_bytes) -> None:
             on_bytes(tensors[name].numel() * tensors[name].element_size())
     for alias, stored in aliases.items():
         tensors[alias] = tensors[stored]  # torch.save keeps the sharing
-    torch.save({n: tensors[n] for n, _ in items}, f)
+    try:
+        torch.save({n: tensors[n] for n, _ in items}, f)
+    except RuntimeError as e:  # torch's zip writer does not say why a write failed
+        first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        raise OSError(errno.EIO, first) from None
 
 
 def _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes) -> list[Path]:
@@ -277,9 +298,10 @@ def _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
+        error = _write_error(out, e)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{out}: cannot write ({e.strerror})", code="CKM532") from None
+        raise error from None
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
