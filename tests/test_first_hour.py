@@ -556,6 +556,8 @@ def test_apply_with_a_saved_plan_refuses_options_it_cannot_honour(tmp_path, head
         ("broken_syntax:build", "cannot import the factory (SyntaxError"),
         (":build", "cannot import the factory"),
         ("nomod:ok", "nomod:ok: cannot import"),  # no emoji
+        ("json:dumps", "the factory failed (TypeError"),
+        ("torch.nn:Linear", "the factory failed (TypeError"),
     ],
 )
 def test_a_target_factory_that_fails_is_one_line_and_exit_2(

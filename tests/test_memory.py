@@ -47,6 +47,9 @@ CHILD = textwrap.dedent(
         before = floor + (peak() - floor)
         del model, p
         model = build()
+        with torch.no_grad():  # an initialized model, as models usually are
+            for p in model.parameters():
+                p.fill_(2.0)
         ckptmap.load_into(model, path, 'strip "module."', transactional=what == "load_into")
     else:
         program = ckptmap.compile(open(out + ".ckmap").read())

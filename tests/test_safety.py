@@ -651,3 +651,24 @@ def test_a_full_disk_says_so_and_leaves_nothing(tmp_path, full_disk, suffix):
     )
     assert "no space left on device" in output.lower(), output
     assert list(full_disk.iterdir()) == []
+
+
+def test_a_header_over_the_limit_says_so(tmp_path):
+    path = tmp_path / "big.safetensors"
+    path.write_bytes((100 * 1024 * 1024 + 1).to_bytes(8, "little") + b"{}")
+    output = _one_line_exit_2("inspect", path)
+    assert "over the limit of 104,857,600" in output and "CKPTMAP_MAX_HEADER_BYTES" in output
+
+
+def test_a_pt_file_with_torch_warnings_prints_one_line(tmp_path):
+    path = tmp_path / "q.pt"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)
+    torch.save({"q": q}, path, pickle_protocol=4)
+    result = runner.invoke(app, ["inspect", str(path)])
+    assert result.exit_code in (0, 2) and "Warning" not in result.output, result.output
+    if result.exit_code == 2:  # refused in one line: no torch warnings or advice before it
+        assert len(result.output.strip().splitlines()) == 1, result.output

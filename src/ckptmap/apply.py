@@ -257,14 +257,32 @@ def _stream_into(
     errors: list[str] = []
     unexpected: list[str] = []
     done: set[str] = set()
-    undo: list[tuple[dict, str, torch.Tensor, torch.Tensor | None]] = []
+    # (module's dict, name, tensor object, a copy of what it held, or the storage it had)
+    undo: list[tuple[dict, str, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
     at = {"module": "", "key": ""}  # where the walk is, for an error's message
 
+    def store_of(module: torch.nn.Module, name: str) -> dict:
+        return module._parameters if name in module._parameters else module._buffers
+
     def keep(module: torch.nn.Module, name: str) -> None:
-        store = module._parameters if name in module._parameters else module._buffers
+        store = store_of(module, name)
         tensor = store[name]
         if tensor is not None:
-            undo.append((store, name, tensor, tensor.detach().clone() if transactional else None))
+            saved = tensor.detach().clone() if transactional else None
+            undo.append((store, name, tensor, saved, None))
+
+    def swappable(module: torch.nn.Module, key: str, name: str) -> bool:
+        """A tensor read straight from the file whose storage is its own: it is read into
+        fresh memory and swapped in, the old storage kept as the undo (no copy made; copying
+        memory never written would also cost a fault per page on the way back)."""
+        if not transactional or key not in direct:
+            return False
+        t = store_of(module, name)[name]
+        return (
+            t is not None
+            and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        )
 
     def load(module: torch.nn.Module, prefix: str) -> None:
         at["module"], at["key"] = prefix, ""
@@ -273,12 +291,21 @@ def _stream_into(
             *(b for b in module._buffers if b not in module._non_persistent_buffers_set),
         ]
         mine = [n for n in own if prefix + n in loaded and prefix + n not in done]
+        swapped = {n for n in mine if swappable(module, prefix + n, n)}
         for name in mine:  # before anything can write them
-            keep(module, name)
+            if name not in swapped:
+                keep(module, name)
         local = {}
         for name in mine:
             key = at["key"] = prefix + name
-            if key in direct:  # a plain module: filled in place, nothing left to copy
+            if name in swapped:
+                store = store_of(module, name)
+                tensor = store[name]
+                fresh = torch.empty_like(tensor.detach())
+                direct[key].read_into(fresh)
+                undo.append((store, name, tensor, None, tensor.data))
+                tensor.data = fresh
+            elif key in direct:  # a plain module: filled in place, nothing left to copy
                 direct[key].read_into(getattr(module, name).detach())
             else:
                 local[key] = evaluator.take(loaded[key])
@@ -397,11 +424,13 @@ def _put_back(undo: list) -> None:
     import torch
 
     with torch.no_grad():
-        for store, name, tensor, saved in reversed(undo):
+        for store, name, tensor, saved, storage in reversed(undo):
             store[name] = tensor
-            if saved is None:
+            if storage is not None:  # read into fresh memory: the old storage goes back
+                tensor.data = storage
+            elif saved is None:
                 continue
-            if tensor.shape == saved.shape and tensor.dtype == saved.dtype:
+            elif tensor.shape == saved.shape and tensor.dtype == saved.dtype:
                 tensor.copy_(saved)
             else:  # code that swapped the tensor's storage or shape: give the old one back
                 tensor.data = saved

@@ -60,6 +60,7 @@ class TorchCheckpoint(Checkpoint):
         except pickle.UnpicklingError as e:
             lines = str(e).splitlines()
             why = next((ln.strip() for ln in lines if "GLOBAL" in ln or "global" in ln), lines[0])
+            why = why.split(". ")[0][:300]  # torch's advice to load unsafely is not ours to give
             raise CheckpointError(
                 f"{self.path}: refused: the pickle is not weights-only ({why}); nothing was run",
                 code="CKM521",

@@ -223,7 +223,7 @@ def _write_error(out: Path, e: OSError) -> CheckpointError:
             code="CKM536",
         )
     why = e.strerror or str(e)
-    if e.errno != errno.ENOSPC:
+    if e.errno in (errno.EIO, None):  # a writer that did not say why (torch's zip writer)
         with contextlib.suppress(OSError):
             if shutil.disk_usage(out.parent).free < (1 << 20):  # what a writer's error hides
                 why = f"No space left on device; {why}"
