@@ -468,9 +468,10 @@ def load_into(
 
     When anything fails during the load itself (a file cut short, a module's own
     `_load_from_state_dict` or hook raising, Ctrl-C), every tensor already written
-    is put back: that costs a copy of the tensors being loaded, held until the load
-    succeeds. `transactional=False` saves that memory; a failure then raises
-    `LoadError` saying the model may be partly loaded.
+    is put back: that costs the old contents of the tensors being loaded, held until
+    the load succeeds (a parameter read straight from a file gets fresh storage, its
+    old one kept as the undo). `transactional=False` saves that memory and loads in
+    place; a failure then raises `LoadError` saying the model may be partly loaded.
     """
 
     import torch
