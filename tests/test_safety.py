@@ -672,3 +672,27 @@ def test_a_pt_file_with_torch_warnings_prints_one_line(tmp_path):
     assert result.exit_code in (0, 2) and "Warning" not in result.output, result.output
     if result.exit_code == 2:  # refused in one line: no torch warnings or advice before it
         assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_split_into_zero_parts_is_a_compile_error():
+    with pytest.raises(ckptmap.RuleCompileError, match="a number of equal parts above 0"):
+        ckptmap.compile('split "a" -> "b", "c" | split(0, 0)')
+
+
+def test_alias_checks_hold_under_python_O(tmp_path):
+    import subprocess
+    import sys
+
+    path = _header_file(
+        tmp_path / "a.safetensors",
+        '{"__metadata__": {"ckptmap.aliases": "{\\"x\\": \\"__metadata__\\"}"}, "w": '
+        + ENTRY.format(shape="[1]", size=4)
+        + "}",
+        bytes(4),
+    )
+    result = subprocess.run(
+        [sys.executable, "-O", "-m", "ckptmap", "inspect", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "malformed ckptmap.aliases" in result.stderr, result.stderr

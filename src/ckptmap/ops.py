@@ -117,6 +117,7 @@ def _check_args(op: Op, args: tuple) -> None:
             what = {
                 "int": "a whole number",
                 "ints": "a list of whole numbers",
+                "sizes": "a number of equal parts above 0, or a list of sizes",
                 "number": "a number",
                 "word": "a word",
             }[kind]

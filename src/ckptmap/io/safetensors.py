@@ -228,17 +228,17 @@ class SafetensorsCheckpoint(Checkpoint):
         raw = self.metadata.get(ALIASES_KEY)
         if raw is None:
             return aliases
+        malformed = CheckpointError(f"{self.path}: malformed {ALIASES_KEY} metadata", code="CKM511")
         try:
             ours = json.loads(raw)
-            assert isinstance(ours, dict)
-            assert all(
-                isinstance(v, str) and v in tensors and v != "__metadata__" for v in ours.values()
-            )
-            assert all(k not in tensors for k in ours)
-        except (ValueError, AssertionError, RecursionError):
-            raise CheckpointError(
-                f"{self.path}: malformed {ALIASES_KEY} metadata", code="CKM511"
-            ) from None
+        except (ValueError, RecursionError):
+            raise malformed from None
+        # explicit checks, not asserts: `python -O` must not let a hostile file through
+        if not isinstance(ours, dict) or not all(
+            isinstance(v, str) and v in tensors and v != "__metadata__" and k not in tensors
+            for k, v in ours.items()
+        ):
+            raise malformed
         return {**aliases, **ours}
 
     def meta(self) -> dict[str, TensorMeta]:
