@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+pytestmark = pytest.mark.slow  # child processes: seconds each
 
 
 def test_harness_runs_and_reports_every_target(tmp_path):

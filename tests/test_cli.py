@@ -167,6 +167,7 @@ def test_schema_is_json_schema():
     assert len(schema["properties"]["rules"]["items"]["anyOf"]) == 15
 
 
+@pytest.mark.slow
 def test_demo_runs_as_a_real_process():
     result = subprocess.run(
         [sys.executable, "-m", "ckptmap.cli", "demo"], capture_output=True, text=True, timeout=300
@@ -186,8 +187,7 @@ def test_exit_status_of_a_real_process(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_inspect_golden(tmp_path):
-    from test_report import golden
+def test_inspect_golden(tmp_path, golden):
 
     path = tmp_path / "resnet.safetensors"
     save_file({f"module.{k}": v for k, v in ResNet(1000).state_dict().items()}, path)
@@ -196,8 +196,7 @@ def test_inspect_golden(tmp_path):
     golden("cli_inspect.txt", result.output)
 
 
-def test_plan_golden(tmp_path, ddp_checkpoint, target_json):
-    from test_report import golden
+def test_plan_golden(tmp_path, ddp_checkpoint, target_json, golden):
 
     rules = tmp_path / "finetune.ckmap"
     rules.write_text(

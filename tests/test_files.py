@@ -326,6 +326,7 @@ def test_output_may_not_be_the_source(tmp_path, ddp_rules):
     assert {p.name: sha(p) for p in folder.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_killed_apply_leaves_nothing_at_the_destination(tmp_path, ddp_rules):
     source = tmp_path / "big.safetensors"
     save_file({f"module.layers.{i}.weight": torch.randn(1024, 1024) for i in range(96)}, source)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -61,6 +62,8 @@ CHILD = textwrap.dedent(
     print(json.dumps({"before": before, "after": peak()}))
     """
 )
+
+pytestmark = pytest.mark.slow  # child processes: seconds each
 
 
 def run_child(what, path, out):

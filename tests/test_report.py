@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 from models import ResNet
 
 import ckptmap
 from ckptmap.report import collapse_keys, format_numbers
-
-GOLDEN = Path(__file__).parent / "golden"
-
-
-def golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.write_text(text)
-    assert text == path.read_text(), f"{name} differs (UPDATE_GOLDEN=1 to accept)"
-
 
 RULES = """\
 strip "module."
@@ -37,7 +24,7 @@ def plan():
     return ckptmap.compile(RULES).plan(source, ResNet(5), on_missing="warn")
 
 
-def test_report_summary(plan):
+def test_report_summary(plan, golden):
     golden("report_resnet.txt", str(plan.report()) + "\n")
 
 
@@ -48,7 +35,7 @@ def test_report_json(plan):
     assert report.skipped[0].rules[-1].line == 3
 
 
-def test_plan_text():
+def test_plan_text(golden):
     source = {
         "module.conv.weight": (8, 3, 3, 3),
         "module.bn.num_batches_tracked": (),
@@ -60,7 +47,7 @@ def test_plan_text():
     golden("plan_small.txt", str(plan) + "\n")
 
 
-def test_plan_error_message():
+def test_plan_error_message(golden):
     source = {"module.fc.weight": (1000, 64), "module.fc.bias": (1000,)}
     target = {f"layers.{i}.w": (2,) for i in range(12)} | {"fc.weight": (5, 64), "fc.bias": (5,)}
     plan = ckptmap.compile('strip "module."').plan(source, target)
