@@ -19,9 +19,18 @@ HERE = Path(__file__).resolve().parent
 FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```", re.S | re.M)
 
 
+ERROR_TABLE = re.compile(r"(<!-- error-table:[^\n]*-->\n).*?(<!-- /error-table -->)", re.S)
+
+
 def main() -> None:
     for page in sorted(HERE.glob("*.md.in")):
         render(page)
+    sys.path.insert(0, str(HERE.parent / "src"))
+    from ckptmap.errors import error_table
+
+    language = HERE / "language.md"
+    text = language.read_text()
+    language.write_text(ERROR_TABLE.sub(lambda m: m[1] + error_table() + m[2], text))
 
 
 def render(page: Path) -> None:

@@ -51,3 +51,40 @@ def test_long_problem_lists_end_in_and_n_more():
     assert "unexpected (on unexpected error): 40 source keys the target does not have:" in text
     assert "old.{0..39}.w" in text
     assert "new.{0..39}.w" in text
+
+
+# --- the registry of codes ----------------------------------------------------------------------
+
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from ckptmap.errors import CODES, error_table  # noqa: E402
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "ckptmap"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def _codes_in_source() -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        if path.name == "errors.py":  # the registry names them all: count only what it raises
+            text = text.split("CODES: dict", 1)[0]
+        for code in re.findall(r"CKM\d{3}", text):
+            found.setdefault(code, []).append(path.name)
+    return found
+
+
+def test_every_code_raised_is_registered():
+    unknown = sorted(set(_codes_in_source()) - set(CODES))
+    assert not unknown, f"codes raised but not in ckptmap.errors.CODES: {unknown}"
+
+
+def test_every_registered_code_is_raised_somewhere():
+    never = sorted(set(CODES) - set(_codes_in_source()))
+    assert not never, f"codes in the registry that nothing raises: {never}"
+
+
+def test_the_docs_error_table_is_the_registry():
+    text = (DOCS / "language.md").read_text()
+    assert error_table() in text, "python docs/render_cli.py rewrites docs/language.md's table"

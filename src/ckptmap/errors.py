@@ -150,3 +150,165 @@ def source_lines(text: str) -> list[str]:
     if lines and lines[-1] == "":
         lines.pop()
     return lines
+
+
+# --- every code, in one place -----------------------------------------------------------------
+# code -> (the class that carries it, what it means). docs/language.md's error table is made
+# from this (docs/render_cli.py) and tests/test_errors.py checks that every code is raised
+# somewhere and that nothing is raised with a code missing here.
+
+CODES: dict[str, tuple[type[CkptmapError], str]] = {
+    "CKM000": (CkptmapError, "any error of ckptmap (the base class's code)"),
+    "CKM001": (
+        UsageError,
+        "a public function given an argument of the wrong type (also a `TypeError`)",
+    ),
+    "CKM002": (
+        UsageError,
+        'a per-call policy word that does not exist (`on_missing="skip"`; also a `ValueError`)',
+    ),
+    "CKM100": (RuleSyntaxError, "rules that cannot be read (the class's code)"),
+    "CKM101": (
+        RuleSyntaxError,
+        "unexpected text (the message says what was expected), or nesting too deep",
+    ),
+    "CKM102": (RuleSyntaxError, "`->` missing after a rename pattern"),
+    "CKM103": (RuleSyntaxError, "unterminated string or regex, or an empty regex"),
+    "CKM104": (RuleSyntaxError, "unknown statement (with a suggestion)"),
+    "CKM105": (RuleSyntaxError, "bad word after `on`"),
+    "CKM106": (RuleSyntaxError, "unsupported language version, or the header not first"),
+    "CKM107": (RuleSyntaxError, "unknown escape in a string"),
+    "CKM108": (
+        RuleSyntaxError,
+        "a statement with an invalid value (an empty `strip`, a YAML field, ops written as text)",
+    ),
+    "CKM110": (
+        RuleSyntaxError,
+        "not valid YAML (aliases included), or not the rule file structure",
+    ),
+    "CKM111": (RuleSyntaxError, "unknown rule file suffix"),
+    "CKM112": (RuleSyntaxError, "a rule file that cannot be read"),
+    "CKM113": (RuleSyntaxError, "`ckptmap:NAME` names no shipped rule file (the hint lists them)"),
+    "CKM114": (
+        RuleSyntaxError,
+        "a `str` given as rules looks like a file name: pass a `pathlib.Path`",
+    ),
+    "CKM200": (RuleCompileError, "rules that cannot work (the class's code)"),
+    "CKM201": (RuleCompileError, "invalid regex (at its position)"),
+    "CKM202": (RuleCompileError, "a target uses a capture the pattern never binds"),
+    "CKM203": (
+        RuleCompileError,
+        "malformed string pattern (empty segment, `**` inside a segment, `{1}`, a capture bound twice)",
+    ),
+    "CKM204": (RuleCompileError, "include cycle"),
+    "CKM205": (RuleCompileError, "include reaching outside the including file's folder"),
+    "CKM206": (RuleCompileError, "included file not found"),
+    "CKM207": (RuleCompileError, "malformed target (unclosed `{`)"),
+    "CKM208": (
+        RuleCompileError,
+        "unknown op (with a suggestion), wrong number or kind of op arguments, unknown dtype",
+    ),
+    "CKM210": (
+        RuleCompileError,
+        "an op of the wrong kind for its statement (`cat` in `transform`)",
+    ),
+    "CKM211": (RuleCompileError, "a merge whose captures cannot group its sources"),
+    "CKM212": (
+        RuleCompileError,
+        "`*` in a target (the hint rewrites the rule with `{i}` captures)",
+    ),
+    "CKM213": (
+        PlanError,
+        "a regex that spent its time budget on some key (catastrophic backtracking)",
+    ),
+    "CKM300": (PlanError, "a plan with problems (the class's code)"),
+    "CKM301": (PlanError, "two sources map to one target"),
+    "CKM302": (PlanError, "shape mismatch (under `on mismatch error`)"),
+    "CKM303": (PlanError, "missing target key (under `on missing error`, or a warning)"),
+    "CKM304": (PlanError, "unexpected source key (under `on unexpected error`, or a warning)"),
+    "CKM305": (PlanError, "the pipeline made an invalid name"),
+    "CKM306": (PlanError, "an op that does not fit a tensor (key, shape, rule)"),
+    "CKM307": (
+        PlanError,
+        "a merge with a member missing for some capture value, or two keys in one place",
+    ),
+    "CKM308": (PlanError, "a plan that cannot be reversed exactly (lossy steps, dropped sources)"),
+    "CKM309": (
+        PlanError,
+        "a split whose pieces and target names differ in number, or that makes no piece",
+    ),
+    "CKM310": (
+        PlanError,
+        "a rule that matches no key (under `on unused error`, or a warning), with near misses",
+    ),
+    "CKM400": (LoadError, "executing a plan failed (the class's code)"),
+    "CKM402": (LoadError, "the source is not the one the plan was made for (keys, shapes, dtypes)"),
+    "CKM403": (LoadError, "a complex tensor into a real parameter"),
+    "CKM404": (LoadError, "the model refused what the plan sent it; the model is as it was"),
+    "CKM405": (
+        LoadError,
+        "loading failed in a module (named, with the tensor); the model is as it was",
+    ),
+    "CKM406": (
+        LoadError,
+        "sparse, quantized, meta or nested source tensors, refused before any write",
+    ),
+    "CKM407": (LoadError, "a tensor the plan would hold is larger than this machine's memory"),
+    "CKM500": (CheckpointError, "a file that cannot be read or written safely (the class's code)"),
+    "CKM501": (CheckpointError, "no such file, or it cannot be read"),
+    "CKM502": (CheckpointError, "a folder with no index and no single model file"),
+    "CKM503": (CheckpointError, "neither a safetensors file nor a torch checkpoint"),
+    "CKM504": (CheckpointError, "a FIFO, socket or device given as a file"),
+    "CKM510": (
+        CheckpointError,
+        "a safetensors file too short, or whose header length is impossible or over the limit",
+    ),
+    "CKM511": (
+        CheckpointError,
+        "a safetensors header that is not valid (JSON, dtypes, shapes, offsets, a name twice, aliases)",
+    ),
+    "CKM512": (
+        CheckpointError,
+        "more tensors, or a longer name, than the limits allow (`CKPTMAP_MAX_*`)",
+    ),
+    "CKM513": (CheckpointError, "a shard index that is not valid JSON or has no `weight_map`"),
+    "CKM514": (CheckpointError, "a shard index pointing outside its folder"),
+    "CKM515": (CheckpointError, "a shard index naming a missing or unusable file"),
+    "CKM520": (CheckpointError, "a torch file that torch cannot load"),
+    "CKM521": (
+        CheckpointError,
+        "a torch pickle that is not weights-only (refused; nothing in it runs)",
+    ),
+    "CKM523": (CheckpointError, "`--select` naming nothing, or no tensors in the checkpoint"),
+    "CKM524": (CheckpointError, "several sets of weights in a checkpoint: choose with `--select`"),
+    "CKM525": (CheckpointError, "a `.pt` storage record whose size differs from its tensors'"),
+    "CKM530": (
+        CheckpointError,
+        "a write path that reaches a read path (through symlinks and hard links too)",
+    ),
+    "CKM531": (
+        CheckpointError,
+        "a destination that cannot be (a folder, a missing folder, a wrong suffix)",
+    ),
+    "CKM532": (CheckpointError, "a destination that cannot be written (permissions, no space)"),
+    "CKM533": (CheckpointError, "an output or report that exists, without `--overwrite`"),
+    "CKM534": (CheckpointError, "a tensor's bytes in the file do not match its size"),
+    "CKM535": (CheckpointError, "`--max-shard-size` that is not a size"),
+    "CKM536": (CheckpointError, "a source cut short while it was copied"),
+    "CKM540": (CheckpointError, "a `--target` JSON file that is not `{name: [shape]}`"),
+    "CKM541": (
+        CheckpointError,
+        "a `--target` factory that cannot be imported or called, or returns no module",
+    ),
+    "CKM542": (
+        CheckpointError,
+        "a saved plan that is not a plan, or whose content does not match its fingerprint",
+    ),
+}
+
+
+def error_table() -> str:
+    """The markdown table of every code (docs/language.md holds a copy of it)."""
+    rows = ["| code | class | meaning |", "| --- | --- | --- |"]
+    rows += [f"| {code} | `{cls.__name__}` | {meaning} |" for code, (cls, meaning) in CODES.items()]
+    return "\n".join(rows) + "\n"
