@@ -396,7 +396,7 @@ def refuse_oversized(plan: Plan) -> None:
     import math
     import os
 
-    from .plan import itemsize
+    from .meta import itemsize
 
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -573,7 +573,7 @@ def write_plan(
     stored once and tied again when the output is read.
     """
     from .io.write import save_checkpoint
-    from .plan import TensorMeta
+    from .meta import TensorMeta
 
     plan.check()
     refuse_oversized(plan)

@@ -266,7 +266,7 @@ def _metadata_text(value: str) -> str:
 
 
 def _nbytes(shape, dtype: str | None) -> int:
-    from .plan import itemsize
+    from .meta import itemsize
 
     return math.prod(shape) * itemsize(dtype)
 
@@ -296,7 +296,7 @@ def _target(spec: str | None) -> Any:
     if path.suffix == ".json" and path.is_file():
         from .errors import CheckpointError
         from .limits import check_keys
-        from .plan import TensorMeta
+        from .meta import TensorMeta
 
         try:
             data = json.loads(_read_text(path))

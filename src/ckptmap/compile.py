@@ -133,7 +133,8 @@ class Program:
         `source` and `target` may be a state_dict, a `{name: shape}` mapping, an
         `nn.Module` or a checkpoint path. Per-call policies override the rules'.
         """
-        from .plan import _no_gc, build_plan, describe
+        from .io import describe
+        from .plan import _no_gc, build_plan
 
         policies = overridden(
             self.policies,

@@ -8,8 +8,8 @@ Key names come from files downloaded from anywhere, so matching a string pattern
 never backtracks without bound: a pattern whose regex would stay linear (at most
 one `**`, at most one capture or `*` per segment) runs as one compiled regex; any
 other runs segment by segment, each segment's captures taken leftmost-shortest
-with `str.find`, `**` extended one segment at a time: time linear in the key for
-a given pattern, with the same result the regex would give.
+with `str.find`, `**` aligned by a table over segments: time linear in the key
+for a given pattern, with the same result the regex would give.
 """
 
 from __future__ import annotations
@@ -278,43 +278,46 @@ def _segments_of(text: str) -> list[_Segment | None]:
 def _match_segments(
     pattern: list[_Segment | None], key: str
 ) -> tuple[dict[str, tuple[int, int]], tuple[int, int] | None] | None:
-    """Align pattern segments with the key's leading segments: `**` takes as few segments as
-    it can (extended one at a time, never revisiting an earlier `**`, as in glob matching);
-    what is left over is the rest. Capture spans and the rest's span, in key offsets."""
+    """Align pattern segments with the key's leading segments as the regex would: each `**`
+    takes as few (non-empty) segments as it can, earliest first; what is left over is the
+    rest. Capture spans and the rest's span, in key offsets; None when nothing aligns.
+
+    A table of which (pattern segment, key segment) pairs can still finish, filled from
+    the end: time proportional to pattern segments times key segments, never more.
+    """
     parts = key.split(".")
     starts, at = [], 0
     for part in parts:
         starts.append(at)
         at += len(part) + 1
     n, m = len(parts), len(pattern)
-    i = j = 0
-    star_i, star_j = -1, 0
-    placed: list[int] = [0] * m
-    while True:
-        if i == m:
-            # whatever is left is the rest: "" or "." and at least one more character
-            if j == n or len(key) - starts[j] > 0:
-                break
-        elif pattern[i] is None:
-            star_i, star_j = i, j
-            i += 1
-            continue
-        elif j < n and pattern[i].match(parts[j]) is not None:  # type: ignore[union-attr]
-            placed[i] = j
-            i, j = i + 1, j + 1
-            continue
-        # extend the last `**` by one (non-empty) segment and try again from there
-        if star_i < 0 or star_j >= n or not parts[star_j]:
-            return None
-        star_j += 1
-        i, j = star_i + 1, star_j
+    # done[j]: the pattern is used up at key segment j; what is left is "" or "." + more
+    can = [[False] * (n + 1) for _ in range(m + 1)]
+    can[m] = [j == n or len(key) - starts[j] > 0 for j in range(n + 1)]
+    for i in range(m - 1, -1, -1):
+        segment, row, below = pattern[i], can[i], can[i + 1]
+        if segment is None:  # `**`: end here, or take one more non-empty segment
+            for j in range(n, -1, -1):
+                row[j] = below[j] or (j < n and parts[j] != "" and row[j + 1])
+        else:
+            for j in range(n - 1, -1, -1):
+                row[j] = below[j + 1] and segment.match(parts[j]) is not None
+    if not can[0][0]:
+        return None
     spans: dict[str, tuple[int, int]] = {}
-    for index, segment in enumerate(pattern):
+    i = j = 0
+    while i < m:  # the preferred path: a `**` ends as soon as the rest can still finish
+        segment = pattern[i]
         if segment is None:
+            if can[i + 1][j]:
+                i += 1
+            else:
+                j += 1
             continue
-        offset = starts[placed[index]]
-        for name, a, b in segment.match(parts[placed[index]]) or ():
+        offset = starts[j]
+        for name, a, b in segment.match(parts[j]) or ():
             spans[name] = (offset + a, offset + b)
+        i, j = i + 1, j + 1
     rest = (starts[j] - 1, len(key)) if j < n else None
     return spans, rest
 

@@ -13,17 +13,16 @@ import contextlib
 import gc
 import hashlib
 import json
-import sys
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
 
-from .errors import PlanError, Span, UsageError
+from .errors import PlanError, Span
+from .meta import Described, TensorMeta, dtype_name, itemsize  # noqa: F401 (their old home)
 from .ops import Meta, Op, OpError
 from .patterns import Matcher, PatternError
 from .rules import Strip, arg_text
@@ -34,115 +33,6 @@ if TYPE_CHECKING:
 
     from .compile import Program, Rule
     from .report import Report
-
-
-class TensorMeta(NamedTuple):
-    """What planning knows of a tensor: its shape and (when known) its dtype name."""
-
-    shape: tuple[int, ...]
-    dtype: str | None = None
-
-
-@dataclass
-class Described:
-    """A source or target reduced to metadata: names, shapes, dtypes, ties, parameters."""
-
-    meta: dict[str, TensorMeta]
-    ties: dict[str, tuple[str, ...]] = field(default_factory=dict)  # key -> all keys sharing it
-    parameters: frozenset[str] | None = None  # None: unknown (not an nn.Module)
-
-
-def dtype_name(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-_OTHER_SIZES = {"complex32": 4, "complex64": 8, "complex128": 16, "qint8": 1, "quint8": 1}
-_OTHER_SIZES |= {"qint32": 4, "quint4x2": 1, "uint16": 2, "uint32": 4, "uint64": 8}
-
-
-def itemsize(dtype: str | None) -> int:
-    """Bytes per element of a dtype named as torch names it (1 when it is not known)."""
-    from .io.safetensors import CODES, DTYPES
-
-    return DTYPES[CODES[dtype]][1] if dtype in CODES else _OTHER_SIZES.get(dtype or "", 1)
-
-
-def describe(obj: Any, role: str = "source") -> Described:
-    """Metadata of a state_dict, `{name: shape}`, nn.Module or checkpoint path (no tensor data)."""
-    from .io import Checkpoint
-
-    if isinstance(obj, Described):
-        return obj
-    if isinstance(obj, Checkpoint):
-        return obj.describe()
-    if isinstance(obj, (str, Path)):
-        from .io import open_checkpoint
-
-        return open_checkpoint(obj).describe()
-    # Only what torch made can be a module or a tensor: no need to import it (seconds) otherwise.
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(obj, torch.nn.Module):
-        state = obj.state_dict(keep_vars=True)  # the live tensors: nothing is copied
-        params = frozenset(n for n, _ in obj.named_parameters(remove_duplicate=False))
-        return Described(_meta_of(state, role), _ties(state), params)
-    if isinstance(obj, Mapping):
-        tensors = {k: v for k, v in obj.items() if torch and isinstance(v, torch.Tensor)}
-        return Described(_meta_of(obj, role), _ties(tensors))
-    raise UsageError(
-        f"{role} must be a state_dict, a {{name: shape}} mapping, an nn.Module or a checkpoint "
-        f"path, not {type(obj).__name__}"
-    )
-
-
-def _meta_of(mapping: Mapping[str, Any], role: str) -> dict[str, TensorMeta]:
-    from .limits import check_keys
-
-    torch = sys.modules.get("torch")
-    tensor = torch.Tensor if torch is not None else ()
-    out: dict[str, TensorMeta] = {}
-    for key, value in mapping.items():
-        if not isinstance(key, str):
-            raise UsageError(f"{role} keys must be strings, got {key!r}")
-        if isinstance(value, tensor):
-            out[key] = TensorMeta(tuple(value.shape), dtype_name(value.dtype))
-        elif isinstance(value, TensorMeta):
-            out[key] = value
-        elif isinstance(value, (tuple, list)) and all(
-            type(d) is int and 0 <= d < 2**63 for d in value
-        ):
-            out[key] = TensorMeta(tuple(value))
-        else:
-            raise UsageError(
-                f"{role} entry {key!r} is {value!r}: not a tensor, nor a shape (a list of "
-                "whole numbers >= 0)"
-            )
-    check_keys(out, f"the {role}")
-    return out
-
-
-def _has_plain_storage(t: Any) -> bool:
-    """Sparse, nested and quantized tensors have no storage to compare (ties are by storage)."""
-    import torch
-
-    return t.layout == torch.strided and not t.is_nested and not t.is_quantized
-
-
-def _ties(tensors: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
-    """Keys whose tensors share storage (tied embeddings), grouped."""
-    groups: dict[Any, list[str]] = defaultdict(list)
-    for key, t in tensors.items():
-        if t.device.type == "meta" or t.numel() == 0 or not _has_plain_storage(t):
-            ident: Any = ("object", id(t))
-        else:
-            ident = (
-                t.untyped_storage().data_ptr(),
-                t.storage_offset(),
-                tuple(t.shape),
-                tuple(t.stride()),
-                t.dtype,
-            )
-        groups[ident].append(key)
-    return {k: tuple(sorted(g)) for g in groups.values() if len(g) > 1 for k in g}
 
 
 # --- the plan, as data ---------------------------------------------------------------------

@@ -8,15 +8,19 @@ at a time on demand. Formats are told by their bytes, not their names.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UsageError
+from ..meta import Described, meta_of, ties_of
 from .base import Checkpoint
 from .safetensors import SafetensorsCheckpoint
 from .sharded import INDEX_NAMES, SINGLE_NAMES, ShardedCheckpoint
 from .torchfile import TorchCheckpoint
 
-__all__ = ["Checkpoint", "open_checkpoint", "refuse_special"]
+__all__ = ["Checkpoint", "describe", "open_checkpoint", "refuse_special"]
 
 
 def refuse_special(path: Path, error: type = CheckpointError) -> None:
@@ -76,4 +80,27 @@ def open_file(path: Path, select: str | None = None) -> Checkpoint:
         return SafetensorsCheckpoint(path)  # its header check will say what is wrong
     raise CheckpointError(
         f"{path}: neither a safetensors file nor a torch checkpoint", code="CKM503"
+    )
+
+
+def describe(obj: Any, role: str = "source") -> Described:
+    """Metadata of a state_dict, `{name: shape}`, nn.Module or checkpoint path (no tensor data)."""
+    if isinstance(obj, Described):
+        return obj
+    if isinstance(obj, Checkpoint):
+        return obj.describe()
+    if isinstance(obj, (str, Path)):
+        return open_checkpoint(obj).describe()
+    # Only what torch made can be a module or a tensor: no need to import it (seconds) otherwise.
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.nn.Module):
+        state = obj.state_dict(keep_vars=True)  # the live tensors: nothing is copied
+        params = frozenset(n for n, _ in obj.named_parameters(remove_duplicate=False))
+        return Described(meta_of(state, role), ties_of(state), params)
+    if isinstance(obj, Mapping):
+        tensors = {k: v for k, v in obj.items() if torch and isinstance(v, torch.Tensor)}
+        return Described(meta_of(obj, role), ties_of(tensors))
+    raise UsageError(
+        f"{role} must be a state_dict, a {{name: shape}} mapping, an nn.Module or a checkpoint "
+        f"path, not {type(obj).__name__}"
     )

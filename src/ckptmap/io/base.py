@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from ..plan import Described, TensorMeta
+    from ..meta import Described, TensorMeta
     from .safetensors import RawBytes
 
 
@@ -52,7 +52,7 @@ class Checkpoint:
         return {}
 
     def describe(self) -> Described:
-        from ..plan import Described
+        from ..meta import Described
 
         return Described(self.meta(), self.ties())
 

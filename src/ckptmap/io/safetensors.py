@@ -20,32 +20,15 @@ from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import CheckpointError
 from ..limits import check_count, check_keys, limit
+from ..meta import CODES, DTYPES
 from .base import Checkpoint
 
 if TYPE_CHECKING:
     import torch
 
-    from ..plan import TensorMeta
+    from ..meta import TensorMeta
 
 # safetensors dtype code -> (torch dtype name, bytes per element)
-DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 8),
-    "F32": ("float32", 4),
-    "F16": ("float16", 2),
-    "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8),
-    "I32": ("int32", 4),
-    "I16": ("int16", 2),
-    "I8": ("int8", 1),
-    "U64": ("uint64", 8),
-    "U32": ("uint32", 4),
-    "U16": ("uint16", 2),
-    "U8": ("uint8", 1),
-    "BOOL": ("bool", 1),
-    "F8_E4M3": ("float8_e4m3fn", 1),
-    "F8_E5M2": ("float8_e5m2", 1),
-}
-CODES = {name: code for code, (name, _) in DTYPES.items()}
 ALIASES_KEY = "ckptmap.aliases"  # {name: stored name} for tensors stored once (tied)
 CHUNK = 64 << 20  # bytes copied between progress updates and writeback starts
 PAGE = 4096  # the block size that aligned copies keep
@@ -242,7 +225,7 @@ class SafetensorsCheckpoint(Checkpoint):
         return {**aliases, **ours}
 
     def meta(self) -> dict[str, TensorMeta]:
-        from ..plan import TensorMeta
+        from ..meta import TensorMeta
 
         out = {
             name: TensorMeta(tuple(info["shape"]), DTYPES[info["dtype"]][0])

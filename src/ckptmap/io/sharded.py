@@ -19,7 +19,7 @@ from .safetensors import refuse_duplicate_keys
 if TYPE_CHECKING:
     import torch
 
-    from ..plan import TensorMeta
+    from ..meta import TensorMeta
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")

@@ -24,7 +24,7 @@ from .base import Checkpoint
 if TYPE_CHECKING:
     import torch
 
-    from ..plan import TensorMeta
+    from ..meta import TensorMeta
 
 
 class TorchCheckpoint(Checkpoint):
@@ -70,14 +70,14 @@ class TorchCheckpoint(Checkpoint):
             raise CheckpointError(f"{self.path}: cannot load ({first})", code="CKM520") from None
 
     def meta(self) -> dict[str, TensorMeta]:
-        from ..plan import TensorMeta, dtype_name
+        from ..meta import TensorMeta, dtype_name
 
         return {k: TensorMeta(tuple(t.shape), dtype_name(t.dtype)) for k, t in self.state.items()}
 
     def ties(self) -> dict[str, tuple[str, ...]]:
-        from ..plan import _ties
+        from ..meta import ties_of
 
-        return _ties(self.state)
+        return ties_of(self.state)
 
     def get(self, name: str) -> torch.Tensor:
         return self.state[name]

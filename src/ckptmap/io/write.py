@@ -27,7 +27,7 @@ from . import safetensors as st
 if TYPE_CHECKING:
     import torch
 
-    from ..plan import TensorMeta
+    from ..meta import TensorMeta
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 PARTIAL = ".ckptmap-partial-"
