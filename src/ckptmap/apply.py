@@ -477,6 +477,7 @@ def load_into(
     import torch
 
     from .compile import compile
+    from .io import Checkpoint
 
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"load_into loads into an nn.Module, not {type(model).__name__}")
@@ -507,8 +508,9 @@ def load_into(
         model,
         plan,
         tensors,
-        getattr(source, "_metadata", None) or {},
-        source if hasattr(source, "raw") else None,
+        # a state_dict carries torch's per-module `_metadata` (versions) as an attribute
+        {} if isinstance(source, Checkpoint) else getattr(source, "_metadata", None) or {},
+        source if isinstance(source, Checkpoint) else None,
         transactional=transactional,
     )
 

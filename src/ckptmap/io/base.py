@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,12 +14,18 @@ if TYPE_CHECKING:
     from .safetensors import RawBytes
 
 
-class Checkpoint:
-    """A checkpoint on disk: metadata without data, tensors on demand.
+class Checkpoint(ABC):
+    """A checkpoint on disk: metadata without data, tensors on demand. Every reader
+    (safetensors, sharded folder, torch file) implements it; callers never probe.
 
-    `meta()` reads names, shapes and dtypes only (headers, where the format has
-    them); `get(name)` reads one tensor. `notes` says what the file holds
-    besides tensors; `files` are the files it is made of.
+    The calls, in the order a plan and its execution make them:
+      `meta()`      names, shapes and dtypes only (headers, where the format has them);
+      `ties()`      names stored once for several (tied weights), grouped; `aliases` the
+                    same as {alias: stored name};
+      `describe()`  both, as the planner takes them; `metadata` what the file says of itself;
+      `raw(name)`   where a tensor's bytes lie, when they can be copied undecoded (else None);
+      `get(name)`   one tensor, read now; `done(name)` the caller no longer needs it.
+    `notes` says what the file holds besides tensors; `files` the files it is made of.
     """
 
     def __init__(self, path: Path):
@@ -34,13 +41,18 @@ class Checkpoint:
         """What the file says about itself besides tensors (provenance, format notes)."""
         return {}
 
-    def meta(self) -> dict[str, TensorMeta]:
-        raise NotImplementedError
+    @abstractmethod
+    def meta(self) -> dict[str, TensorMeta]: ...
 
-    def get(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def get(self, name: str) -> torch.Tensor: ...
 
-    def done(self, name: str) -> None:
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Tied names stored once: {alias: the stored name}."""
+        return {}
+
+    def done(self, name: str) -> None:  # noqa: B027 (optional: most readers hold nothing)
         """The caller no longer needs this tensor (a reader may free what it holds)."""
 
     def raw(self, name: str) -> RawBytes | None:

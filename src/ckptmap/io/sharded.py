@@ -106,7 +106,7 @@ class ShardedCheckpoint(Checkpoint):
                 )
             out[name] = (path, meta[name])
         for path in sorted(set(self.weight_map.values())):
-            for alias in getattr(self.shard(path), "aliases", {}):
+            for alias in self.shard(path).aliases:
                 out.setdefault(alias, (path, self.shard(path).meta()[alias]))
         return out
 
