@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import PlanError, RuleCompileError, RuleSyntaxError, Span, UsageError, line_of
 from .ops import Op, OpArgError, make
-from .patterns import Matcher, PatternError, RegexTimeout, Template
+from .patterns import SKIP, Matcher, PatternError, RegexTimeout, Template
 from .rules import (
     ACTIONS,
     Freeze,
@@ -48,8 +48,6 @@ DEFAULT_POLICIES = {
     "unexpected": "error",
     "unused": "error",
 }
-
-SKIP = object()  # what a `skip` step returns for a key it drops
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,7 +132,7 @@ class Program:
         `nn.Module` or a checkpoint path. Per-call policies override the rules'.
         """
         from .io import describe
-        from .plan import _no_gc, build_plan
+        from .resolve import _no_gc, build_plan
 
         policies = overridden(
             self.policies,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+SKIP = object()  # what a `skip` rule answers for a key it drops
 REGEX_BUDGET = 5.0  # seconds one regex rule may spend matching, over all keys of a plan
 
 

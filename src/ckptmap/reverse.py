@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def invert(plan: Plan, allow_lossy: bool = False) -> Plan:
-    from .plan import OutputEntry, Plan, SourceEntry, Step, _jsonable, _problem, fingerprint_of
+    from .plan import OutputEntry, Plan, SourceEntry, Step, fingerprint_of, jsonable, problem
 
     plan.check()
     loaded = [o for o in plan.outputs if o.status == "loaded"]
@@ -44,7 +44,7 @@ def invert(plan: Plan, allow_lossy: bool = False) -> Plan:
             why = op.lossy_for(ins, outs) or f"{op.name} has no inverse"
             rule = plan.rules[step.rule]
             lossy.append(
-                _problem(
+                problem(
                     "CKM308",
                     "lossy",
                     f"{op!r} on {names(step.inputs)}: {why} ({rule})",
@@ -62,7 +62,7 @@ def invert(plan: Plan, allow_lossy: bool = False) -> Plan:
         steps.append(
             Step(
                 op=back.name,
-                args=[_jsonable(a) for a in back.args],
+                args=[jsonable(a) for a in back.args],
                 inputs=list(step.outputs),
                 outputs=list(step.inputs),
                 rule=step.rule,
@@ -83,7 +83,7 @@ def invert(plan: Plan, allow_lossy: bool = False) -> Plan:
         if e.status == "unexpected":
             why = "its name is not in the target"
         lossy.append(
-            _problem(
+            problem(
                 "CKM308",
                 "lossy",
                 f"{e.source} cannot be restored: {why}",

@@ -1,0 +1,503 @@
+"""The pipeline: source keys through the rules, statement by statement, as value graphs.
+
+Keys that differ only in their numbers share a template (a bucket): a rule is tried once
+per bucket, and a digit-free strip/prefix/rename/skip renames a whole bucket from one
+match. Ops are inferred on shapes (never run); a problem is recorded, never raised.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any
+
+from .meta import Described
+from .ops import Meta, Op, OpError
+from .patterns import SKIP, Matcher, PatternError
+from .plan import Problem, Step, Value, jsonable, problem
+from .rules import Merge, Prefix, Skip, Split, Strip, Transform, arg_text
+
+if TYPE_CHECKING:
+    from .compile import Program, Rule
+
+
+@dataclass(slots=True)
+class _Node:
+    """A tensor alive in the pipeline: its current name, value, the sources it is made of."""
+
+    name: str
+    value: int
+    sources: tuple[str, ...]
+    rules: list[int]
+    order: tuple[int, ...] = ()  # where it stands in the output: source index, then piece
+    template: str | None = None  # its name with every digit as '#': its bucket
+    failed: str | None = None  # the kind of problem that stopped it (op, merge, split)
+
+
+# Keys that differ only in their numbers (layer 0..79, expert 0..255) share a template;
+# a string pattern without digits matches all of a template's keys or none of them, so
+# a rule is tried once per template, not once per key.
+_DIGIT_BYTES = bytes.maketrans(b"0123456789", b"##########")
+
+
+def _template(name: str) -> str:
+    """`name` with every ASCII digit as '#' (bytes.translate is several times faster than
+    str.translate, and UTF-8 never uses the digits' bytes inside other characters)."""
+    return (
+        name.encode("utf-8", "surrogatepass")
+        .translate(_DIGIT_BYTES)
+        .decode("utf-8", "surrogatepass")
+    )
+
+
+def _bucket_test(rule: Rule) -> Any:
+    """A test on templates that rules out buckets no key of which can match, or None.
+
+    Digits in a pattern become '#' too: a key that matches the pattern has a
+    template that matches the pattern so rewritten (each key is still checked).
+    """
+    node = rule.node
+    if isinstance(node, Prefix):
+        return None
+    if isinstance(node, Strip):
+        text = _template(node.prefix)
+        return lambda t: t.startswith(text)
+    matchers = rule.matchers if isinstance(node, Merge) else (rule.matcher,)
+    if any(m is None or m.is_regex for m in matchers):
+        return None
+    try:
+        hashed = [Matcher(_hash_literals(m.text)) for m in matchers]
+    except PatternError:
+        return None
+    return lambda t: any(m.match(t) is not None for m in hashed)
+
+
+def _has_digits(text: str) -> bool:
+    return _template(text) != text or "#" in text
+
+
+def _whole_buckets(rule: Rule) -> bool:
+    """Whether a strip/prefix/rename/skip decides whole buckets exactly."""
+    node = rule.node
+    if isinstance(node, Prefix):
+        return True
+    if isinstance(node, Strip):
+        return not _has_digits(node.prefix)
+    return (
+        rule.matcher is not None
+        and not rule.matcher.is_regex
+        and not _has_digits(rule.matcher.text)
+    )
+
+
+def _recipe(rule: Rule, template: str) -> Any:
+    """How a bucket's keys change under a rule: parts (text, or (start, end) of the key), SKIP,
+    or None when the rule does not match the bucket."""
+    node = rule.node
+    if isinstance(node, Prefix):
+        return [node.prefix, (0, None)]
+    if isinstance(node, Strip):
+        return [(len(node.prefix), None)] if template.startswith(node.prefix) else None
+    found = rule.matcher.spans(template)  # type: ignore[union-attr]
+    if found is None:
+        return None
+    if isinstance(node, Skip):
+        return SKIP
+    captures, rest = found
+    parts: list = [p if isinstance(p, str) else captures[p[0]] for p in rule.template.parts]
+    if rest is not None:
+        empty = not any(parts)  # a rename to "" drops the matched segments and their dot
+        parts.append((rest[0] + 1, rest[1]) if empty else rest)
+    return parts
+
+
+def _cook(parts: list, keys: list[str]) -> list[str]:
+    """The keys rewritten by a recipe, part by part over all of them (one join per key)."""
+    columns = [
+        [p] * len(keys) if isinstance(p, str) else [k[p[0] : p[1]] for k in keys] for p in parts
+    ]
+    return list(map("".join, zip(*columns, strict=True))) if columns else [""] * len(keys)
+
+
+def _hash_literals(text: str) -> str:
+    """Digits outside `{captures}` as '#'."""
+    out, depth = [], 0
+    for ch in text:
+        depth += ch == "{"
+        out.append(_template(ch) if depth == 0 else ch)
+        depth -= ch == "}" and depth > 0
+    return "".join(out)
+
+
+class _Builder:
+    """Runs the pipeline statement by statement over every key (merges need whole groups)."""
+
+    def __init__(self, program: Program, source: Described):
+        self.program = program
+        self.values: list[Value] = []
+        self.steps: list[Step] = []
+        self.problems: list[Problem] = []
+        self.used: set[int] = set()
+        self.dropped: list[_Node] = []  # skipped by a `skip` rule
+        self.source_values: dict[str, int] = {}
+        self._made_by: tuple[list, dict[int, Step], dict[int, str]] | None = None
+        self.failed_names: set[str] = set()  # names a failed merge or split would have made
+        self.buckets: dict[str, list[_Node]] = defaultdict(list)
+        values, buckets, meta = self.values, self.buckets, source.meta
+        for index, key in enumerate(sorted(meta)):  # the loop every key goes through: inlined
+            shape, dtype = meta[key]
+            self.source_values[key] = value = len(values)
+            values.append(Value(shape=list(shape), dtype=dtype))
+            template = _template(key)
+            buckets[template].append(_Node(key, value, (key,), [], (index,), template))
+
+    def _add(self, node: _Node) -> None:
+        node.template = _template(node.name)
+        self.buckets[node.template].append(node)
+
+    def _candidates(self, rule: Rule) -> list[_Node]:
+        test = _bucket_test(rule)
+        out: list[_Node] = []
+        for template, nodes in self.buckets.items():
+            if test is None or test(template):
+                out.extend(nodes)
+        return out
+
+    def _settle(self, changed: list[_Node], gone: list[_Node] = (), new: list[_Node] = ()) -> None:
+        """Move renamed nodes to their templates' buckets; drop gone ones; add new ones."""
+        touched = set()
+        for n in changed:
+            template = _template(n.name)
+            if template != n.template:
+                touched.add(n.template)
+                n.template = template
+                self.buckets[template].append(n)
+        for n in gone:
+            touched.add(n.template)
+            n.template = None
+        for t in touched:
+            kept = [n for n in self.buckets[t] if n.template == t]
+            if kept:
+                self.buckets[t] = kept
+            else:
+                del self.buckets[t]
+        for n in new:
+            self._add(n)
+
+    @property
+    def live(self) -> list[_Node]:
+        nodes = [n for bucket in self.buckets.values() for n in bucket]
+        nodes.sort(key=attrgetter("order"))
+        return nodes
+
+    def _value(self, shape: Any, dtype: str | None) -> int:
+        self.values.append(Value(shape=list(shape), dtype=dtype))
+        return len(self.values) - 1
+
+    def meta(self, value: int) -> Meta:
+        v = self.values[value]
+        return Meta(tuple(v.shape), v.dtype)
+
+    def _run(self, op: Op, rule: Rule, inputs: list[int], names: list[str]) -> list[int] | None:
+        """Add a step; on an op that does not fit, a problem naming keys, shapes and rule."""
+        try:
+            outs = op.infer([self.meta(v) for v in inputs])
+            if not outs:
+                raise OpError("it makes no tensor at all")
+        except (OpError, IndexError, ValueError, TypeError, ZeroDivisionError, OverflowError) as e:
+            # shape arithmetic on a shape the op was not written for (a 0-d tensor) is a
+            # tensor that does not fit, like any other
+            if not isinstance(e, OpError):
+                e = OpError(f"not for a tensor of {len(self.meta(inputs[0]).shape)} dimensions")
+            shapes = ", ".join(
+                f"{n} {list(self.meta(v).shape)}" for n, v in zip(names, inputs, strict=True)
+            )
+            self.problems.append(
+                problem(
+                    "CKM306",
+                    "op",
+                    f"{op!r} does not fit {shapes}: {e} ({rule.where()})",
+                    names,
+                    [rule.id],
+                )
+            )
+            return None
+        ids = [self._value(m.shape, m.dtype) for m in outs]
+        self.steps.append(
+            Step(
+                op=op.name,
+                args=[jsonable(a) for a in op.args],
+                inputs=inputs,
+                outputs=ids,
+                rule=rule.id,
+            )
+        )
+        return ids
+
+    def shaped_by(self, value: int) -> int | None:
+        """The rule whose op made this value, or None for a tensor as the file holds it."""
+        if not self.steps:
+            return None
+        self.history(value)  # fills the cache
+        step = self._made_by[1].get(value) if self._made_by else None
+        return step.rule if step is not None else None
+
+    def history(self, value: int) -> str | None:
+        """How a value was made from the file's tensors, as text: `head.bias [10] | pad(0, 0, 3)`;
+        None when it is a source tensor as read."""
+        if not self.steps:
+            return None
+        if self._made_by is None or len(self._made_by[0]) != len(self.steps):
+            self._made_by = (
+                list(self.steps),
+                {out: step for step in self.steps for out in step.outputs},
+                {v: k for k, v in self.source_values.items()},
+            )
+        _, made_by, sources = self._made_by
+
+        def text(v: int) -> str:
+            step = made_by.get(v)
+            if step is None:
+                return f"{sources.get(v, '?')} {self.values[v].shape}"
+            ins = [text(i) for i in step.inputs]
+            before = ins[0] if len(ins) == 1 else "(" + ", ".join(ins) + ")"
+            op = f"{step.op}({', '.join(arg_text(a) for a in step.args)})"
+            return (
+                f"{before} | {op}"
+                if step.outputs == [v]
+                else f"{before} | {op}[{step.outputs.index(v)}]"
+            )
+
+        return text(value) if value in made_by else None
+
+    def _chain(self, ops: tuple[Op, ...], rule: Rule, value: int, name: str) -> int | None:
+        for op in ops:
+            out = self._run(op, rule, [value], [name])
+            if out is None:
+                return None
+            value = out[0]
+        return value
+
+    def run(self) -> list[_Node]:
+        for rule in self.program.steps:
+            node = rule.node
+            if isinstance(node, Transform):
+                self._transform(rule)
+            elif isinstance(node, Merge):
+                self._merge(rule)
+            elif isinstance(node, Split):
+                self._split(rule)
+            else:
+                self._rename(rule)
+        return self.live
+
+    def _rename(self, rule: Rule) -> None:
+        if _whole_buckets(rule):
+            self._rename_buckets(rule)
+            return
+        changed, gone = [], []
+        for n in self._candidates(rule):
+            out = rule.step(n.name)
+            if out is None:
+                continue
+            self.used.add(rule.id)
+            n.rules.append(rule.id)
+            if out is SKIP:
+                self.dropped.append(n)
+                gone.append(n)
+            else:
+                n.name = out
+                changed.append(n)
+        self._settle(changed, gone)
+
+    def _rename_buckets(self, rule: Rule) -> None:
+        """A rule whose pattern has no digits treats a bucket as one key: it matches all of
+        it or none, at the same places, so one match gives every key's new name by slicing."""
+        moves = []
+        for template, nodes in list(self.buckets.items()):
+            recipe = _recipe(rule, template)
+            if recipe is None:
+                continue
+            self.used.add(rule.id)
+            for n in nodes:
+                n.rules.append(rule.id)
+            if recipe is SKIP:
+                self.dropped.extend(nodes)
+                moves.append((template, None, nodes))
+                continue
+            for n, name in zip(nodes, _cook(recipe, [n.name for n in nodes]), strict=True):
+                n.name = name
+            moves.append((template, _template(_cook(recipe, [template])[0]), nodes))
+        for template, _, _ in moves:
+            del self.buckets[template]
+        for _, new, nodes in moves:
+            if new is None:
+                continue
+            for n in nodes:
+                n.template = new
+            self.buckets[new].extend(nodes)
+
+    def _transform(self, rule: Rule) -> None:
+        for n in self._candidates(rule):
+            if rule.matcher.match(n.name) is None:  # type: ignore[union-attr]
+                continue
+            self.used.add(rule.id)
+            n.rules.append(rule.id)
+            value = self._chain(rule.ops, rule, n.value, n.name)
+            if value is None:
+                n.failed = "op"
+            else:
+                n.value = value
+
+    def _merge(self, rule: Rule) -> None:
+        template = rule.template
+        outer = sorted({name for name, _ in template.refs})  # type: ignore[union-attr]
+        groups: dict[tuple, dict[Any, _Node]] = {}
+        captures: dict[tuple, dict[str, str]] = {}
+        for n in sorted(self._candidates(rule), key=lambda n: n.order):
+            for k, matcher in enumerate(rule.matchers):
+                m = matcher.match(n.name)
+                if m is None or m.rest:
+                    continue
+                key = tuple(m.captures[c] for c in outer)
+                slot = m.captures[rule.gather] if rule.gather else k
+                group = groups.setdefault(key, {})
+                captures.setdefault(key, m.captures)
+                if slot in group:
+                    _fail([group[slot], n], "merge", rule)
+                    self.problems.append(
+                        problem(
+                            "CKM307",
+                            "merge",
+                            f"{group[slot].name!r} and {n.name!r} both fit the same place in "
+                            f"{rule.where()}",
+                            [group[slot].name, n.name],
+                            [rule.id],
+                        )
+                    )
+                else:
+                    group[slot] = n
+                break
+        if groups:
+            self.used.add(rule.id)
+        merged: dict[int, _Node] = {}  # id(first member) -> the merged node
+        gone: set[int] = set()
+        for key, group in groups.items():
+            where = ", ".join(f"{{{c}}}={v}" for c, v in zip(outer, key, strict=True))
+            if rule.gather:
+                order = sorted(group, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else s))
+                want = [str(i) for i in range(len(order))]
+                if order != want:
+                    _fail(group.values(), "merge", rule)
+                    self.failed_names.add(template.render(captures[key]))  # type: ignore[union-attr]
+                    self.problems.append(
+                        problem(
+                            "CKM307",
+                            "merge",
+                            f"{rule.where()}: {{{rule.gather}}} must run 0..{len(order) - 1} "
+                            f"{'for ' + where if where else ''}, found {', '.join(order)}",
+                            [group[s].name for s in order],
+                            [rule.id],
+                        )
+                    )
+                    continue
+                members = [group[s] for s in order]
+            else:
+                missing = [
+                    rule.node.patterns[k] for k in range(len(rule.matchers)) if k not in group
+                ]
+                if missing:
+                    _fail(group.values(), "merge", rule)
+                    self.failed_names.add(template.render(captures[key]))  # type: ignore[union-attr]
+                    names = ", ".join(p.to_text() for p in missing)
+                    self.problems.append(
+                        problem(
+                            "CKM307",
+                            "merge",
+                            f"{rule.where()}{' for ' + where if where else ''}: nothing matches {names} "
+                            f"(present: {', '.join(group[k].name for k in sorted(group))})",
+                            [group[k].name for k in sorted(group)],
+                            [rule.id],
+                        )
+                    )
+                    continue
+                members = [group[k] for k in range(len(rule.matchers))]
+            name = template.render(captures[key])  # type: ignore[union-attr]
+            names = [m.name for m in members]
+            out = self._run(rule.ops[0], rule, [m.value for m in members], names)
+            value = out and self._chain(rule.ops[1:], rule, out[0], name)
+            if value is None:
+                _fail(members, "op", rule)
+                self.failed_names.add(name)
+                continue
+            rules = [*list(dict.fromkeys(r for m in members for r in m.rules)), rule.id]
+            sources = tuple(dict.fromkeys(s for m in members for s in m.sources))  # merge order
+            order = min(m.order for m in members)
+            merged[id(members[0])] = _Node(name, value, sources, rules, order)
+            gone.update(id(m) for m in members)
+        members_gone = [n for group in groups.values() for n in group.values() if id(n) in gone]
+        self._settle([], members_gone, list(merged.values()))
+
+    def _split(self, rule: Rule) -> None:
+        gone, new = [], []
+        for n in sorted(self._candidates(rule), key=lambda n: n.order):
+            m = rule.matcher.match(n.name)  # type: ignore[union-attr]
+            if m is None or m.rest:
+                continue
+            self.used.add(rule.id)
+            value = self._chain(rule.ops[:-1], rule, n.value, n.name)
+            pieces = None if value is None else self._run(rule.ops[-1], rule, [value], [n.name])
+            if pieces is None:
+                _fail([n], "op", rule)
+                if not rule.gather:
+                    self.failed_names.update(t.render(m.captures) for t in rule.templates)
+                continue
+            if not pieces:  # unstack of an empty dimension: the tensor would vanish
+                _fail([n], "split", rule)
+                self.problems.append(
+                    problem(
+                        "CKM309",
+                        "split",
+                        f"{rule.where()}: {n.name!r} splits into no pieces at all",
+                        [n.name],
+                        [rule.id],
+                    )
+                )
+                continue
+            if rule.gather:
+                names = [
+                    rule.templates[0].render({**m.captures, rule.gather: str(i)})
+                    for i in range(len(pieces))
+                ]
+            elif len(rule.templates) != len(pieces):
+                _fail([n], "split", rule)
+                self.failed_names.update(t.render(m.captures) for t in rule.templates)
+                self.problems.append(
+                    problem(
+                        "CKM309",
+                        "split",
+                        f"{rule.where()}: {n.name!r} splits into {len(pieces)} pieces but "
+                        f"{len(rule.templates)} targets are named",
+                        [n.name],
+                        [rule.id],
+                    )
+                )
+                continue
+            else:
+                names = [t.render(m.captures) for t in rule.templates]
+            rules = [*n.rules, rule.id]
+            gone.append(n)
+            new += [
+                _Node(nm, v, n.sources, list(rules), (*n.order, i))
+                for i, (nm, v) in enumerate(zip(names, pieces, strict=True))
+            ]
+        self._settle([], gone, new)
+
+
+def _fail(nodes: Any, kind: str, rule: Rule) -> None:
+    """Mark nodes stopped by a problem of `rule`: they are never shown as loaded."""
+    for n in nodes:
+        n.failed = n.failed or kind
+        if rule.id not in n.rules:
+            n.rules.append(rule.id)
