@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from .meta import Described
 from .ops import Meta, Op, OpError
-from .patterns import SKIP, Matcher, PatternError
+from .patterns import SKIP, digit_template
 from .plan import Problem, Step, Value, jsonable, problem
-from .rules import Merge, Prefix, Skip, Split, Strip, Transform, arg_text
+from .rules import arg_text
 
 if TYPE_CHECKING:
-    from .compile import Program, Rule
+    from .compile import Program
+    from .statements import Rule
 
 
 @dataclass(slots=True)
@@ -35,83 +36,6 @@ class _Node:
     failed: str | None = None  # the kind of problem that stopped it (op, merge, split)
 
 
-# Keys that differ only in their numbers (layer 0..79, expert 0..255) share a template;
-# a string pattern without digits matches all of a template's keys or none of them, so
-# a rule is tried once per template, not once per key.
-_DIGIT_BYTES = bytes.maketrans(b"0123456789", b"##########")
-
-
-def _template(name: str) -> str:
-    """`name` with every ASCII digit as '#' (bytes.translate is several times faster than
-    str.translate, and UTF-8 never uses the digits' bytes inside other characters)."""
-    return (
-        name.encode("utf-8", "surrogatepass")
-        .translate(_DIGIT_BYTES)
-        .decode("utf-8", "surrogatepass")
-    )
-
-
-def _bucket_test(rule: Rule) -> Any:
-    """A test on templates that rules out buckets no key of which can match, or None.
-
-    Digits in a pattern become '#' too: a key that matches the pattern has a
-    template that matches the pattern so rewritten (each key is still checked).
-    """
-    node = rule.node
-    if isinstance(node, Prefix):
-        return None
-    if isinstance(node, Strip):
-        text = _template(node.prefix)
-        return lambda t: t.startswith(text)
-    matchers = rule.matchers if isinstance(node, Merge) else (rule.matcher,)
-    if any(m is None or m.is_regex for m in matchers):
-        return None
-    try:
-        hashed = [Matcher(_hash_literals(m.text)) for m in matchers]
-    except PatternError:
-        return None
-    return lambda t: any(m.match(t) is not None for m in hashed)
-
-
-def _has_digits(text: str) -> bool:
-    return _template(text) != text or "#" in text
-
-
-def _whole_buckets(rule: Rule) -> bool:
-    """Whether a strip/prefix/rename/skip decides whole buckets exactly."""
-    node = rule.node
-    if isinstance(node, Prefix):
-        return True
-    if isinstance(node, Strip):
-        return not _has_digits(node.prefix)
-    return (
-        rule.matcher is not None
-        and not rule.matcher.is_regex
-        and not _has_digits(rule.matcher.text)
-    )
-
-
-def _recipe(rule: Rule, template: str) -> Any:
-    """How a bucket's keys change under a rule: parts (text, or (start, end) of the key), SKIP,
-    or None when the rule does not match the bucket."""
-    node = rule.node
-    if isinstance(node, Prefix):
-        return [node.prefix, (0, None)]
-    if isinstance(node, Strip):
-        return [(len(node.prefix), None)] if template.startswith(node.prefix) else None
-    found = rule.matcher.spans(template)  # type: ignore[union-attr]
-    if found is None:
-        return None
-    if isinstance(node, Skip):
-        return SKIP
-    captures, rest = found
-    parts: list = [p if isinstance(p, str) else captures[p[0]] for p in rule.template.parts]
-    if rest is not None:
-        empty = not any(parts)  # a rename to "" drops the matched segments and their dot
-        parts.append((rest[0] + 1, rest[1]) if empty else rest)
-    return parts
-
-
 def _cook(parts: list, keys: list[str]) -> list[str]:
     """The keys rewritten by a recipe, part by part over all of them (one join per key)."""
     columns = [
@@ -120,17 +44,7 @@ def _cook(parts: list, keys: list[str]) -> list[str]:
     return list(map("".join, zip(*columns, strict=True))) if columns else [""] * len(keys)
 
 
-def _hash_literals(text: str) -> str:
-    """Digits outside `{captures}` as '#'."""
-    out, depth = [], 0
-    for ch in text:
-        depth += ch == "{"
-        out.append(_template(ch) if depth == 0 else ch)
-        depth -= ch == "}" and depth > 0
-    return "".join(out)
-
-
-class _Builder:
+class Builder:
     """Runs the pipeline statement by statement over every key (merges need whole groups)."""
 
     def __init__(self, program: Program, source: Described):
@@ -149,15 +63,15 @@ class _Builder:
             shape, dtype = meta[key]
             self.source_values[key] = value = len(values)
             values.append(Value(shape=list(shape), dtype=dtype))
-            template = _template(key)
+            template = digit_template(key)
             buckets[template].append(_Node(key, value, (key,), [], (index,), template))
 
     def _add(self, node: _Node) -> None:
-        node.template = _template(node.name)
+        node.template = digit_template(node.name)
         self.buckets[node.template].append(node)
 
     def _candidates(self, rule: Rule) -> list[_Node]:
-        test = _bucket_test(rule)
+        test = rule.bucket_test()
         out: list[_Node] = []
         for template, nodes in self.buckets.items():
             if test is None or test(template):
@@ -168,7 +82,7 @@ class _Builder:
         """Move renamed nodes to their templates' buckets; drop gone ones; add new ones."""
         touched = set()
         for n in changed:
-            template = _template(n.name)
+            template = digit_template(n.name)
             if template != n.template:
                 touched.add(n.template)
                 n.template = template
@@ -281,19 +195,11 @@ class _Builder:
 
     def run(self) -> list[_Node]:
         for rule in self.program.steps:
-            node = rule.node
-            if isinstance(node, Transform):
-                self._transform(rule)
-            elif isinstance(node, Merge):
-                self._merge(rule)
-            elif isinstance(node, Split):
-                self._split(rule)
-            else:
-                self._rename(rule)
+            rule.plan(self)  # each kind knows whether it renames, transforms, merges, splits
         return self.live
 
-    def _rename(self, rule: Rule) -> None:
-        if _whole_buckets(rule):
+    def rename(self, rule: Rule) -> None:
+        if rule.whole_buckets():
             self._rename_buckets(rule)
             return
         changed, gone = [], []
@@ -316,7 +222,7 @@ class _Builder:
         it or none, at the same places, so one match gives every key's new name by slicing."""
         moves = []
         for template, nodes in list(self.buckets.items()):
-            recipe = _recipe(rule, template)
+            recipe = rule.recipe(template)
             if recipe is None:
                 continue
             self.used.add(rule.id)
@@ -328,7 +234,7 @@ class _Builder:
                 continue
             for n, name in zip(nodes, _cook(recipe, [n.name for n in nodes]), strict=True):
                 n.name = name
-            moves.append((template, _template(_cook(recipe, [template])[0]), nodes))
+            moves.append((template, digit_template(_cook(recipe, [template])[0]), nodes))
         for template, _, _ in moves:
             del self.buckets[template]
         for _, new, nodes in moves:
@@ -338,7 +244,7 @@ class _Builder:
                 n.template = new
             self.buckets[new].extend(nodes)
 
-    def _transform(self, rule: Rule) -> None:
+    def transform(self, rule: Rule) -> None:
         for n in self._candidates(rule):
             if rule.matcher.match(n.name) is None:  # type: ignore[union-attr]
                 continue
@@ -350,7 +256,7 @@ class _Builder:
             else:
                 n.value = value
 
-    def _merge(self, rule: Rule) -> None:
+    def merge(self, rule: Rule) -> None:
         template = rule.template
         outer = sorted({name for name, _ in template.refs})  # type: ignore[union-attr]
         groups: dict[tuple, dict[Any, _Node]] = {}
@@ -439,7 +345,7 @@ class _Builder:
         members_gone = [n for group in groups.values() for n in group.values() if id(n) in gone]
         self._settle([], members_gone, list(merged.values()))
 
-    def _split(self, rule: Rule) -> None:
+    def split(self, rule: Rule) -> None:
         gone, new = [], []
         for n in sorted(self._candidates(rule), key=lambda n: n.order):
             m = rule.matcher.match(n.name)  # type: ignore[union-attr]

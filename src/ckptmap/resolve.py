@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .meta import Described
-from .pipeline import _Builder
+from .pipeline import Builder
 from .plan import (
     OutputEntry,
     Plan,
@@ -30,7 +30,8 @@ from .plan import (
 from .rules import Strip
 
 if TYPE_CHECKING:
-    from .compile import Program, Rule
+    from .compile import Program
+    from .statements import Rule
 
 
 @contextlib.contextmanager
@@ -65,7 +66,7 @@ def build_plan(
 def _build_plan(
     program: Program, source: Described, target: Described | None, policies: dict[str, str]
 ) -> Plan:
-    builder = _Builder(program, source)
+    builder = Builder(program, source)
     live = builder.run()
     problems, used = builder.problems, builder.used
 
@@ -181,7 +182,7 @@ def _build_plan(
 
 
 def _source_entries(
-    builder: _Builder, outputs: list[OutputEntry], source: Described
+    builder: Builder, outputs: list[OutputEntry], source: Described
 ) -> list[SourceEntry]:
     """Each source's fate, from the tensors it ended in: loaded wins, then unexpected, then
     the first."""
@@ -227,7 +228,7 @@ def _source_entries(
 
 def _match_target(
     program: Program,
-    builder: _Builder,
+    builder: Builder,
     outputs: list[OutputEntry],
     landing: dict[str, list[OutputEntry]],
     target: Described,
@@ -352,7 +353,7 @@ def _unused_problems(
         if rule.node.optional:
             continue
         said = f"unused rule: {rule.where()} matches no key"
-        consumed = next((k for k in sorted(source.meta) if _matches_source(rule, k)), None)
+        consumed = next((k for k in sorted(source.meta) if rule.matches_source(k)), None)
         if consumed is not None:  # not a typo: the keys were there, and earlier rules took them
             said += (
                 f"; the source has keys it would match (such as {consumed}), but earlier rules "
@@ -362,16 +363,6 @@ def _unused_problems(
             said += "; did you mean " + " or ".join(near) + "?"
         found.append(problem("CKM310", "unused", said, [], [i], policies["unused"]))
     return found
-
-
-def _matches_source(rule: Rule, key: str) -> bool:
-    """Whether a pipeline rule would match `key` as the file names it."""
-    node = rule.node
-    if isinstance(node, Strip):
-        return key.startswith(node.prefix)
-    if node.keyword in ("init", "freeze", "unfreeze"):
-        return False  # these speak of final names
-    return any(m.match(key) is not None for m in (rule.matchers or (rule.matcher,)) if m)
 
 
 def _near_misses(rule: Rule, keys: list[str]) -> list[str]:
