@@ -4,7 +4,6 @@ import ckptmap
 report = ckptmap.load_into(model, "resnet18.pt", 'strip "module."\ninit "fc"')
 """
 
-from .apply import load_into, migrate
 from .compile import Program, compile
 from .errors import (
     CheckpointError,
@@ -15,6 +14,7 @@ from .errors import (
     RuleSyntaxError,
     UsageError,
 )
+from .load import load_into, migrate
 from .plan import Plan
 from .report import Report
 from .rules import Ruleset

@@ -601,11 +601,11 @@ def _ops_not_text(ops: Any) -> Any:
         if isinstance(op, str):
             bare = op.strip()
             example = f"{{{bare}: [args]}}" if _WORD.fullmatch(bare) else "{transpose: [0, 1]}"
-            with contextlib.suppress(Exception):  # the op as YAML, when the text reads as an op
-                from .syntax import parse
-
-                (call,) = parse(f'transform "x" | {op}').rules[0].ops  # type: ignore[union-attr]
-                example = yaml.dump(call.to_yaml(), Dumper=_Dumper, default_flow_style=True).strip()
+            call = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_-]*)\s*\((.*)\)\s*", op, re.S)
+            with contextlib.suppress(Exception):  # the op as YAML, when the text reads as one
+                args = yaml.safe_load(f"[{call[2]}]")  # type: ignore[index]
+                spelled = OpCall(call[1], tuple(args)).to_yaml()  # type: ignore[index]
+                example = yaml.dump(spelled, Dumper=_Dumper, default_flow_style=True).strip()
             raise ValueError(
                 f"op {i + 1} is the text {op!r}; in YAML each op is a mapping "
                 f"{{name: [args]}}: write {example}"

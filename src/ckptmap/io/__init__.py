@@ -7,7 +7,6 @@ at a time on demand. Formats are told by their bytes, not their names.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,26 +15,10 @@ from typing import Any
 from ..errors import CheckpointError, UsageError
 from ..meta import Described, meta_of, ties_of
 from .base import Checkpoint
-from .safetensors import SafetensorsCheckpoint
+from .files import open_file, refuse_special
 from .sharded import INDEX_NAMES, SINGLE_NAMES, ShardedCheckpoint
-from .torchfile import TorchCheckpoint
 
 __all__ = ["Checkpoint", "describe", "open_checkpoint", "refuse_special"]
-
-
-def refuse_special(path: Path, error: type = CheckpointError) -> None:
-    """A FIFO, socket or device is refused before it is opened: reading one could wait
-    forever or never end."""
-    import stat
-
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return  # the open that follows says what is wrong
-    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
-        raise error(
-            f"{path}: not a regular file (a pipe, socket or device); refused", code="CKM504"
-        )
 
 
 def open_checkpoint(path: str | Path, select: str | None = None) -> Checkpoint:
@@ -60,27 +43,6 @@ def open_checkpoint(path: str | Path, select: str | None = None) -> Checkpoint:
             code="CKM502",
         )
     return open_file(path, select)
-
-
-def open_file(path: Path, select: str | None = None) -> Checkpoint:
-    refuse_special(path, CheckpointError)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})", code="CKM501") from None
-    # safetensors first: its 8-byte header length can begin with 0x80, like a pickle
-    if len(head) >= 9 and head[8:9] == b"{":
-        if select:
-            raise CheckpointError(f"{path}: --select is for torch checkpoints", code="CKM523")
-        return SafetensorsCheckpoint(path)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # zip, or a legacy pickle
-        return TorchCheckpoint(path, select=select)
-    if path.suffix == ".safetensors":
-        return SafetensorsCheckpoint(path)  # its header check will say what is wrong
-    raise CheckpointError(
-        f"{path}: neither a safetensors file nor a torch checkpoint", code="CKM503"
-    )
 
 
 def describe(obj: Any, role: str = "source") -> Described:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from ..errors import CheckpointError
 from ..limits import check_keys
 from .base import Checkpoint
+from .files import open_file
 from .safetensors import refuse_duplicate_keys
 
 if TYPE_CHECKING:
@@ -88,8 +89,6 @@ class ShardedCheckpoint(Checkpoint):
 
     def shard(self, path: Path) -> Checkpoint:
         if path not in self._shards:
-            from . import open_file
-
             self._shards[path] = open_file(path)
         return self._shards[path]
 
