@@ -696,3 +696,22 @@ def test_alias_checks_hold_under_python_O(tmp_path):
         text=True,
     )
     assert result.returncode == 2 and "malformed ckptmap.aliases" in result.stderr, result.stderr
+
+
+def test_a_transactional_load_keeps_ties_and_views(tmp_path):
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 4, bias=False)
+            self.b = torch.nn.Linear(4, 4, bias=False)
+            self.b.weight = self.a.weight  # one tied object
+            self.c = torch.nn.Module()
+            self.c.register_buffer("view", self.a.weight.data.view(16))  # a view of its storage
+
+    model = Shared()
+    w = torch.randn(4, 4)
+    path = tmp_path / "w.safetensors"
+    save_file({"a.weight": w, "c.view": w.reshape(16).clone()}, path)
+    ckptmap.load_into(model, path, "")
+    assert model.b.weight is model.a.weight and torch.equal(model.a.weight, w)
+    assert model.c.view.data_ptr() == model.a.weight.data_ptr()  # still a view

@@ -212,137 +212,191 @@ def stream_into(
     comes: no whole state_dict is ever held.
 
     All or nothing: before a module's tensors are written, the tensor objects and (when
-    `transactional`) a copy of what they hold are kept; whatever fails afterwards, the
-    model's own code or a `KeyboardInterrupt` included, puts every one of them back."""
-    import torch
-    from torch.nn.modules.module import _IncompatibleKeys
+    `transactional`) what they hold are kept; whatever fails afterwards, the model's own
+    code or a `KeyboardInterrupt` included, puts every one of them back."""
+    _ModelLoad(model, plan, tensors, metadata, checkpoint, transactional).run()
 
-    loaded = {o.target: o.value for o in plan.outputs if o.status == "loaded"}
-    # a renamed tensor of the right dtype is read from the file straight into the model's
-    # own memory: no temporary tensor at all
-    leaves = {e.value: e for e in plan.sources}
-    direct = {}
-    if checkpoint is not None:
-        state = model.state_dict(keep_vars=True)
-        # only into modules that load the plain way: no override, no load hooks
-        plain = {
-            prefix
-            for prefix, m in model.named_modules(remove_duplicate=False)
-            if type(m)._load_from_state_dict is torch.nn.Module._load_from_state_dict
-            and not m._load_state_dict_pre_hooks
-            and not m._load_state_dict_post_hooks
-        }
-        for key, value in loaded.items():
-            if key.rpartition(".")[0] not in plain:
-                continue
-            entry, dst = leaves.get(value), state.get(key)
-            if (
-                entry is not None
-                and dst is not None
-                and dst.device.type == "cpu"
-                and dst.is_contiguous()
-                and str(dst.dtype) == f"torch.{entry.dtype}"
-                and list(dst.shape) == entry.shape
-            ):
-                raw = checkpoint.raw(entry.source)
-                if raw is not None:
-                    direct[key] = raw
-    evaluator = Evaluator(
-        plan,
-        tensors.__getitem__,
-        [v for k, v in loaded.items() if k not in direct],
-        raw=checkpoint.raw if checkpoint is not None else None,
-    )
-    errors: list[str] = []
-    unexpected: list[str] = []
-    done: set[str] = set()
-    # (module's dict, name, tensor object, a copy of what it held, or the storage it had)
-    undo: list[tuple[dict, str, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
-    at = {"module": "", "key": ""}  # where the walk is, for an error's message
 
-    def store_of(module: torch.nn.Module, name: str) -> dict:
-        return module._parameters if name in module._parameters else module._buffers
+class _ModelLoad:
+    """One plan streamed into one model, with what it takes to undo it."""
 
-    def keep(module: torch.nn.Module, name: str) -> None:
-        store = store_of(module, name)
-        tensor = store[name]
-        if tensor is not None:
-            saved = tensor.detach().clone() if transactional else None
-            undo.append((store, name, tensor, saved, None))
-
-    def swappable(module: torch.nn.Module, key: str, name: str) -> bool:
-        """A tensor read straight from the file whose storage is its own: it is read into
-        fresh memory and swapped in, the old storage kept as the undo (no copy made; copying
-        memory never written would also cost a fault per page on the way back)."""
-        if not transactional or key not in direct:
-            return False
-        t = store_of(module, name)[name]
-        return (
-            t is not None
-            and t.storage_offset() == 0
-            and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    def __init__(self, model, plan, tensors, metadata, checkpoint, transactional):
+        self.model, self.metadata, self.transactional = model, metadata, transactional
+        self.loaded = {o.target: o.value for o in plan.outputs if o.status == "loaded"}
+        self.direct = _direct_reads(model, plan, self.loaded, checkpoint)
+        self.evaluator = Evaluator(
+            plan,
+            tensors.__getitem__,
+            [v for k, v in self.loaded.items() if k not in self.direct],
+            raw=checkpoint.raw if checkpoint is not None else None,
         )
+        self.errors: list[str] = []
+        self.unexpected: list[str] = []
+        self.done: set[str] = set()
+        # (module's dict, name, tensor object, a copy of what it held, or the storage it had)
+        self.undo: list[tuple[dict, str, Any, Any, Any]] = []
+        self.at = {"module": "", "key": ""}  # where the walk is, for an error's message
+        self.shared = _shared_storages(model) if transactional else set()
 
-    def load(module: torch.nn.Module, prefix: str) -> None:
-        at["module"], at["key"] = prefix, ""
+    def run(self) -> None:
+        import torch
+
+        try:
+            with torch.no_grad():
+                self.load(self.model, "")
+            left = sorted(set(self.loaded) - self.done)
+            if self.errors or self.unexpected or left:
+                raise LoadError(
+                    "the model refused what the plan sent it"
+                    + ("; the model is as it was" if self.transactional else ""),
+                    code="CKM404",
+                    details=summarize(
+                        [*self.errors, *self.unexpected, *(f"{k}: never reached" for k in left)]
+                    ),
+                )
+        except BaseException as e:
+            _put_back(self.undo)
+            if isinstance(e, CkptmapError) or not isinstance(e, Exception):
+                raise  # ours, or KeyboardInterrupt / SystemExit: as they are, after the undo
+            module = self.at["module"][:-1] or "the model"
+            key = self.at["key"]
+            where = f"module {module!r}" + (f", tensor {key!r}" if key else "")
+            raise LoadError(
+                f"loading failed in {where}: {type(e).__name__}: {e}"
+                + (
+                    "; the model is as it was"
+                    if self.transactional
+                    else "; the model may be partly loaded"
+                ),
+                code="CKM405",
+            ) from e
+
+    def load(self, module: Any, prefix: str) -> None:
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        self.at["module"], self.at["key"] = prefix, ""
         own = [
             *module._parameters,
             *(b for b in module._buffers if b not in module._non_persistent_buffers_set),
         ]
-        mine = [n for n in own if prefix + n in loaded and prefix + n not in done]
-        swapped = {n for n in mine if swappable(module, prefix + n, n)}
-        for name in mine:  # before anything can write them
-            if name not in swapped:
-                keep(module, name)
-        local = {}
-        for name in mine:
-            key = at["key"] = prefix + name
-            if name in swapped:
-                store = store_of(module, name)
-                tensor = store[name]
-                fresh = torch.empty_like(tensor.detach())
-                direct[key].read_into(fresh)
-                undo.append((store, name, tensor, None, tensor.data))
-                tensor.data = fresh
-            elif key in direct:  # a plain module: filled in place, nothing left to copy
-                direct[key].read_into(getattr(module, name).detach())
-            else:
-                local[key] = evaluator.take(loaded[key])
-            done.add(key)
-        at["key"] = ""
+        mine = [n for n in own if prefix + n in self.loaded and prefix + n not in self.done]
+        local = self.fill(module, prefix, mine)
+        self.at["key"] = ""
         module._load_from_state_dict(
-            local, prefix, metadata.get(prefix[:-1], {}), True, [], unexpected, errors
+            local,
+            prefix,
+            self.metadata.get(prefix[:-1], {}),
+            True,
+            [],
+            self.unexpected,
+            self.errors,
         )  # keys filled in place count as missing here: the plan accounts for them
         del local
         for name, child in module._modules.items():
             if child is not None:
-                load(child, f"{prefix}{name}.")
-        at["module"], at["key"] = prefix, ""
+                self.load(child, f"{prefix}{name}.")
+        self.at["module"], self.at["key"] = prefix, ""
         for hook in module._load_state_dict_post_hooks.values():
             hook(module, _IncompatibleKeys([], []))
 
-    try:
-        with torch.no_grad():
-            load(model, "")
-        left = sorted(set(loaded) - done)
-        if errors or unexpected or left:
-            raise LoadError(
-                "the model refused what the plan sent it"
-                + ("; the model is as it was" if transactional else ""),
-                code="CKM404",
-                details=summarize([*errors, *unexpected, *(f"{k}: never reached" for k in left)]),
-            )
-    except BaseException as e:
-        _put_back(undo)
-        if isinstance(e, CkptmapError) or not isinstance(e, Exception):
-            raise  # ours, or KeyboardInterrupt / SystemExit: as they are, after the undo
-        module = at["module"][:-1] or "the model"
-        where = f"module {module!r}" + (f", tensor {at['key']!r}" if at["key"] else "")
-        raise LoadError(
-            f"loading failed in {where}: {type(e).__name__}: {e}"
-            + ("; the model is as it was" if transactional else "; the model may be partly loaded"),
-            code="CKM405",
-        ) from e
+    def fill(self, module: Any, prefix: str, mine: list[str]) -> dict:
+        """Read this module's own tensors: straight from the file where it can (swapped in
+        fresh, or in place), else through the evaluator for its `_load_from_state_dict`.
+        What each held is kept first."""
+        import torch
+
+        swapped = {n for n in mine if self.swappable(module, prefix + n, n)}
+        for name in mine:  # before anything can write them
+            if name not in swapped:
+                self.keep(module, name)
+        local = {}
+        for name in mine:
+            key = self.at["key"] = prefix + name
+            if name in swapped:
+                store = _store_of(module, name)
+                tensor = store[name]
+                fresh = torch.empty_like(tensor.detach())
+                self.direct[key].read_into(fresh)
+                self.undo.append((store, name, tensor, None, tensor.data))
+                tensor.data = fresh
+            elif key in self.direct:  # a plain module: filled in place, nothing left to copy
+                self.direct[key].read_into(getattr(module, name).detach())
+            else:
+                local[key] = self.evaluator.take(self.loaded[key])
+            self.done.add(key)
+        return local
+
+    def keep(self, module: Any, name: str) -> None:
+        store = _store_of(module, name)
+        tensor = store[name]
+        if tensor is not None:
+            saved = tensor.detach().clone() if self.transactional else None
+            self.undo.append((store, name, tensor, saved, None))
+
+    def swappable(self, module: Any, key: str, name: str) -> bool:
+        """A tensor read straight from the file whose storage is its own (no other tensor
+        of the model views it): it is read into fresh memory and swapped in, the old storage
+        kept as the undo. No copy is made, and memory never written is never read."""
+        if not self.transactional or key not in self.direct:
+            return False
+        t = _store_of(module, name)[name]
+        return (
+            t is not None
+            and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+            and t.untyped_storage().data_ptr() not in self.shared
+        )
+
+
+def _store_of(module: Any, name: str) -> dict:
+    return module._parameters if name in module._parameters else module._buffers
+
+
+def _shared_storages(model: Any) -> set[int]:
+    """Storages that more than one tensor object of the model uses (views, not one tied
+    object): those are written in place, so the views stay views."""
+    seen: dict[int, int] = {}
+    for t in {id(t): t for t in model.state_dict(keep_vars=True).values()}.values():
+        if t.device.type != "meta" and t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            seen[ptr] = seen.get(ptr, 0) + 1
+    return {ptr for ptr, count in seen.items() if count > 1}
+
+
+def _direct_reads(model: Any, plan: Plan, loaded: dict[str, int], checkpoint: Any) -> dict:
+    """A renamed tensor of the right dtype is read from the file straight into the model's
+    own memory, no temporary tensor at all: which keys, and where their bytes lie."""
+    import torch
+
+    if checkpoint is None:
+        return {}
+    leaves = {e.value: e for e in plan.sources}
+    state = model.state_dict(keep_vars=True)
+    # only into modules that load the plain way: no override, no load hooks
+    plain = {
+        prefix
+        for prefix, m in model.named_modules(remove_duplicate=False)
+        if type(m)._load_from_state_dict is torch.nn.Module._load_from_state_dict
+        and not m._load_state_dict_pre_hooks
+        and not m._load_state_dict_post_hooks
+    }
+    direct = {}
+    for key, value in loaded.items():
+        if key.rpartition(".")[0] not in plain:
+            continue
+        entry, dst = leaves.get(value), state.get(key)
+        if (
+            entry is not None
+            and dst is not None
+            and dst.device.type == "cpu"
+            and dst.is_contiguous()
+            and str(dst.dtype) == f"torch.{entry.dtype}"
+            and list(dst.shape) == entry.shape
+        ):
+            raw = checkpoint.raw(entry.source)
+            if raw is not None:
+                direct[key] = raw
+    return direct
 
 
 def refuse_unloadable(plan: Plan, source: Any, tensors: Mapping[str, torch.Tensor]) -> None:
