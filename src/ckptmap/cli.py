@@ -504,15 +504,6 @@ def apply(
     """
 
     def body() -> None:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        from .apply import write_plan
         from .io import open_checkpoint
         from .io.write import (
             check_destination,
@@ -520,115 +511,37 @@ def apply(
             parse_size,
             provenance,
             refuse_clobbering,
+            write_text_atomically,
         )
 
         shard_size = parse_size(max_shard_size) if max_shard_size else None
-        if rules and saved_plan is not None:
-            raise typer.BadParameter("give RULES or --plan, not both", param_hint="--plan")
-        if not rules and saved_plan is None:
-            raise typer.BadParameter("name the rule files (RULES) or a saved --plan")
-        if saved_plan is not None:
-            for given, name in (
-                (target, "--target"),
-                (strict, "--strict"),
-                (original, "--original"),
-                (select, "--select"),
-            ):
-                if given:
-                    raise typer.BadParameter(
-                        "a saved plan already says what happens to every key: "
-                        f"{name} belongs to `ckptmap plan` when the plan is made",
-                        param_hint=name,
-                    )
-        if allow_lossy and not reverse:
-            raise typer.BadParameter(
-                "--allow-lossy goes with --reverse", param_hint="--allow-lossy"
-            )
-        if reverse and saved_plan is None and original is None:
-            raise typer.BadParameter(
-                "--reverse needs --original, the checkpoint the rules were written for "
-                "(or --plan, the forward plan saved by `plan --json`)",
-                param_hint="--original",
-            )
+        _check_apply_options(
+            rules, saved_plan, target, strict, original, select, allow_lossy, reverse
+        )
         ckpt = open_checkpoint(source, select)
-        reads: list[tuple[str, Path | None]] = [("source", p) for p in (ckpt.path, *ckpt.files)]
-        if saved_plan is not None:
-            reads.append(("saved plan", saved_plan))
-        else:
+        program = None
+        if saved_plan is None:
             from .compile import compile
 
             program = compile(list(rules or ()))
-            reads += [("rule file", p) for p in program.files]
         the_target = None if reverse else _target(target)
-        if isinstance(the_target, Path):
-            reads += [("target", p) for p in (the_target, *open_checkpoint(the_target).files)]
-        elif target is not None and Path(target).is_file():
-            reads.append(("target", Path(target)))  # a {name: shape} JSON file
-        if reverse and original is not None:
-            reads += [("original", p) for p in (original, *open_checkpoint(original).files)]
+        reads = _apply_reads(ckpt, program, saved_plan, target, the_target, original)
         refuse_clobbering([("--out", out_path), ("--report", report)], reads)
         check_destination(out_path, sharded=shard_size is not None, overwrite=overwrite)
         if report is not None:
             check_text_destination(report, overwrite)
-        said: list[str] = []  # printed once every file is written: a reader that goes away
-        # (`| head`) must not stop the writing
-        if saved_plan is not None:
-            from .plan import Plan
-
-            forward = Plan.from_json(_read_text(saved_plan), saved_plan)
-            rules_fingerprint = forward.rules_fingerprint
-        else:
-            rules_fingerprint = program.fingerprint
-        unused = "error" if strict else None
-        if reverse:
-            if saved_plan is None:
-                assert original is not None  # checked above
-                # keys of SOURCE that the original never had (a new head) are left out
-                forward = program.plan(
-                    open_checkpoint(original).describe(),
-                    ckpt.describe(),
-                    on_missing="ignore",
-                    on_unused=unused,
-                ).check()
-            the_plan = forward.inverse(allow_lossy=allow_lossy)
-            said += [f"warning: {problem.message}" for problem in the_plan.warnings]
-        elif saved_plan is not None:
-            the_plan = forward.check()
-        else:
-            the_plan = program.plan(ckpt.describe(), the_target, on_unused=unused).check()
-        if reverse or saved_plan is not None:  # a plan not made from SOURCE may leave keys out
-            from .report import collapse_keys
-
-            used = {e.source for e in the_plan.sources}
-            extra = [k for k in ckpt.meta() if k not in used]
-            if extra:
-                keys = ", ".join(p for p, _ in collapse_keys(extra))
-                why = "from the original" if saved_plan is None else "in the saved plan"
-                said.insert(0, f"note: left out, not {why}: {keys}")
-        for note in ckpt.notes:  # known once the checkpoint has been opened
-            said.append(f"note: {note}")
-        total = sum(_nbytes(o.shape, o.dtype) for o in the_plan.outputs if o.status == "loaded")
-        columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=err(), disable=not err().is_terminal) as progress:
-            task = progress.add_task("writing", total=total)
-            written = write_plan(
-                the_plan,
-                ckpt,
-                out_path,
-                metadata=provenance(
-                    rules_fingerprint, the_plan.fingerprint, ckpt.files, hash_source
-                ),
-                max_shard_size=shard_size,
-                on_bytes=lambda n: progress.advance(task, n),
-                overwrite=overwrite,
-            )
+        the_plan, rules_fingerprint, said = _apply_plan(
+            ckpt, program, saved_plan, the_target, reverse, original, strict, allow_lossy
+        )
+        metadata = provenance(rules_fingerprint, the_plan.fingerprint, ckpt.files, hash_source)
+        written, total = _write_with_progress(
+            the_plan, ckpt, out_path, metadata, shard_size, overwrite
+        )
         the_report = the_plan.report(frozen=[])  # a file has no requires_grad
         if report is not None:
-            from .io.write import write_text_atomically
-
             write_text_atomically(report, the_report.model_dump_json(indent=2) + "\n")
-        console = out()
-        for line in said:
+        console = out()  # printed once every file is written: a reader that goes away
+        for line in said:  # (`| head`) must not stop the writing
             console.print(line, markup=False)
         console.print(str(the_report), markup=False)
         console.print(
@@ -636,6 +549,124 @@ def apply(
         )
 
     _run(body)
+
+
+def _check_apply_options(
+    rules, saved_plan, target, strict, original, select, allow_lossy, reverse
+) -> None:
+    """Options that contradict each other, refused before anything is opened."""
+    if rules and saved_plan is not None:
+        raise typer.BadParameter("give RULES or --plan, not both", param_hint="--plan")
+    if not rules and saved_plan is None:
+        raise typer.BadParameter("name the rule files (RULES) or a saved --plan")
+    if saved_plan is not None:
+        for given, name in (
+            (target, "--target"),
+            (strict, "--strict"),
+            (original, "--original"),
+            (select, "--select"),
+        ):
+            if given:
+                raise typer.BadParameter(
+                    "a saved plan already says what happens to every key: "
+                    f"{name} belongs to `ckptmap plan` when the plan is made",
+                    param_hint=name,
+                )
+    if allow_lossy and not reverse:
+        raise typer.BadParameter("--allow-lossy goes with --reverse", param_hint="--allow-lossy")
+    if reverse and saved_plan is None and original is None:
+        raise typer.BadParameter(
+            "--reverse needs --original, the checkpoint the rules were written for "
+            "(or --plan, the forward plan saved by `plan --json`)",
+            param_hint="--original",
+        )
+
+
+def _apply_reads(ckpt, program, saved_plan, target, the_target, original) -> list:
+    """Every path `apply` reads, by role: what no output may touch."""
+    from .io import open_checkpoint
+
+    reads: list[tuple[str, Path | None]] = [("source", p) for p in (ckpt.path, *ckpt.files)]
+    if saved_plan is not None:
+        reads.append(("saved plan", saved_plan))
+    if program is not None:
+        reads += [("rule file", p) for p in program.files]
+    if isinstance(the_target, Path):
+        reads += [("target", p) for p in (the_target, *open_checkpoint(the_target).files)]
+    elif target is not None and Path(target).is_file():
+        reads.append(("target", Path(target)))  # a {name: shape} JSON file
+    if original is not None:
+        reads += [("original", p) for p in (original, *open_checkpoint(original).files)]
+    return reads
+
+
+def _apply_plan(ckpt, program, saved_plan, the_target, reverse, original, strict, allow_lossy):
+    """The plan `apply` runs (made from the rules, read from --plan, or inverted), its rules'
+    fingerprint, and the notes to print after the writing."""
+    from .io import open_checkpoint
+    from .plan import Plan
+
+    said: list[str] = []
+    unused = "error" if strict else None
+    if saved_plan is not None:
+        forward = Plan.from_json(_read_text(saved_plan), saved_plan)
+        rules_fingerprint = forward.rules_fingerprint
+    else:
+        rules_fingerprint = program.fingerprint
+    if reverse:
+        if saved_plan is None:
+            # keys of SOURCE that the original never had (a new head) are left out
+            forward = program.plan(
+                open_checkpoint(original).describe(),
+                ckpt.describe(),
+                on_missing="ignore",
+                on_unused=unused,
+            ).check()
+        the_plan = forward.inverse(allow_lossy=allow_lossy)
+        said += [f"warning: {problem.message}" for problem in the_plan.warnings]
+    elif saved_plan is not None:
+        the_plan = forward.check()
+    else:
+        the_plan = program.plan(ckpt.describe(), the_target, on_unused=unused).check()
+    if reverse or saved_plan is not None:  # a plan not made from SOURCE may leave keys out
+        from .report import collapse_keys
+
+        used = {e.source for e in the_plan.sources}
+        extra = [k for k in ckpt.meta() if k not in used]
+        if extra:
+            keys = ", ".join(p for p, _ in collapse_keys(extra))
+            why = "from the original" if saved_plan is None else "in the saved plan"
+            said.insert(0, f"note: left out, not {why}: {keys}")
+    said += [f"note: {note}" for note in ckpt.notes]  # known once the checkpoint is opened
+    return the_plan, rules_fingerprint, said
+
+
+def _write_with_progress(the_plan, ckpt, out_path, metadata, shard_size, overwrite):
+    """Write the plan's output, with a progress bar over bytes on a terminal."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from .apply import write_plan
+
+    total = sum(_nbytes(o.shape, o.dtype) for o in the_plan.outputs if o.status == "loaded")
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err(), disable=not err().is_terminal) as progress:
+        task = progress.add_task("writing", total=total)
+        written = write_plan(
+            the_plan,
+            ckpt,
+            out_path,
+            metadata=metadata,
+            max_shard_size=shard_size,
+            on_bytes=lambda n: progress.advance(task, n),
+            overwrite=overwrite,
+        )
+    return written, total
 
 
 def _read_text(path: Path) -> str:
