@@ -32,6 +32,16 @@ def main() -> None:
     text = language.read_text()
     language.write_text(ERROR_TABLE.sub(lambda m: m[1] + error_table() + m[2], text))
 
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from test_architecture import graph_lines
+
+    architecture = HERE / "architecture.md"
+    text = architecture.read_text()
+    graph = "\n".join(graph_lines()) + "\n"
+    architecture.write_text(
+        re.sub(r"(```text import-graph\n).*?(```)", lambda m: m[1] + graph + m[2], text, flags=re.S)
+    )
+
 
 def render(page: Path) -> None:
     template = page.read_text()

@@ -715,3 +715,247 @@ def test_a_transactional_load_keeps_ties_and_views(tmp_path):
     ckptmap.load_into(model, path, "")
     assert model.b.weight is model.a.weight and torch.equal(model.a.weight, w)
     assert model.c.view.data_ptr() == model.a.weight.data_ptr()  # still a view
+
+
+# --- found by an adversarial pass over the fixes above -----------------------------------------
+
+
+def _pt_with_pickle(tmp_path, edit) -> Path:
+    """A torch zip whose data.pkl is edited by `edit(bytes) -> bytes` (the records kept)."""
+    good = tmp_path / "good.pt"
+    torch.save({"a": torch.arange(16.0), "b": torch.arange(2.0)}, good)
+    bad = tmp_path / "bad.pt"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                data = edit(data)
+            zout.writestr(info.filename, data)
+    return bad
+
+
+def test_a_storage_claimed_with_two_sizes_is_refused(tmp_path):
+    # both tensors point at storage "1" (b's, 8 bytes): torch reads a's 64 bytes from it
+    bad = _pt_with_pickle(
+        tmp_path, lambda d: d.replace(b"X\x01\x00\x00\x000", b"X\x01\x00\x00\x001", 1)
+    )
+    with pytest.raises(ckptmap.CheckpointError, match="CKM525"):
+        ckptmap.migrate(bad, "")
+
+
+def test_a_zip_naming_a_record_twice_is_refused(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"a": torch.arange(16.0)}, good)
+    bad = tmp_path / "twice.pt"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("data/0"):
+                import warnings
+
+                with warnings.catch_warnings():  # zipfile says "Duplicate name" (once)
+                    warnings.simplefilter("ignore")
+                    zout.writestr(info.filename, data[:8])
+            zout.writestr(info.filename, data)
+    with pytest.raises(ckptmap.CheckpointError, match="twice"):
+        ckptmap.migrate(bad, "")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        '{"w": {"dtype": "F32", "shape": [2], "data\\u005foffsets": [0, 8]}, '
+        '"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}',
+        '{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16], "dtype": "I32"}}',
+        '{"__metadata__": {}, "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, '
+        '"__metadata__": {"ckptmap.aliases": "{\\"w2\\": \\"w\\"}"}}',
+    ],
+    ids=["escaped key", "field twice", "metadata twice"],
+)
+def test_every_duplicate_in_a_header_is_refused(tmp_path, header):
+    path = _header_file(tmp_path / "d.safetensors", header, bytes(16))
+    assert "twice" in _one_line_exit_2("inspect", path)
+
+
+def test_a_failed_parallel_read_waits_for_every_piece(tmp_path, monkeypatch):
+    import threading
+
+    from ckptmap.io import safetensors as st
+
+    path = tmp_path / "big.safetensors"
+    save_file({"w": torch.zeros(4 << 20)}, path)  # 16 MiB: read in several pieces
+    started, finished = [], []
+    lock = threading.Lock()
+
+    def read(self, view, start, end):
+        with lock:
+            started.append(start)
+        if start == 0:
+            raise ckptmap.CheckpointError("ended early", code="CKM510")
+        time.sleep(0.3)
+        with lock:
+            finished.append(start)
+
+    monkeypatch.setattr(st.RawBytes, "_read", read)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    raw = st.SafetensorsCheckpoint(path).raw("w")
+    with pytest.raises(ckptmap.CheckpointError):
+        raw.read_into(torch.empty(4 << 20))
+    # every piece that started had ended (or never started) when the error came out
+    assert sorted(finished) == sorted(s for s in started if s != 0)
+
+
+def test_nested_repeats_are_refused_before_they_take_memory():
+    start = time.perf_counter()
+    with pytest.raises(ckptmap.RuleCompileError, match="copies of a piece"):
+        ckptmap.compile('rename /(?:(?:(?:a{1000}){1000}){1000}){1000}/ -> "b"')
+    assert time.perf_counter() - start < 2
+
+
+def test_what_a_modules_own_code_changes_is_put_back_too():
+    class Scaling(torch.nn.Linear):
+        def __init__(self):
+            super().__init__(8, 8)
+            self.register_buffer("inverse", torch.ones(8), persistent=False)
+
+        def _load_from_state_dict(self, state_dict, prefix, *args):
+            super()._load_from_state_dict(state_dict, prefix, *args)
+            self.inverse.mul_(2.0)  # not in the plan, written all the same
+
+    model = torch.nn.Sequential(Scaling(), torch.nn.Linear(8, 8))
+    before = _snapshot(model)
+    inverse = model[0].inverse.clone()
+    _raise_in_load(model[1])
+    with pytest.raises(ckptmap.LoadError):
+        ckptmap.load_into(
+            model, {k: torch.randn_like(v) for k, v in model.state_dict().items()}, ""
+        )
+    assert _same(model, before) and torch.equal(model[0].inverse, inverse)
+
+
+def test_a_model_on_the_meta_device_is_refused():
+    with torch.device("meta"):
+        model = torch.nn.Linear(2, 2)
+    with pytest.raises(ckptmap.LoadError, match="meta device"):
+        ckptmap.load_into(model, {"weight": torch.ones(2, 2), "bias": torch.ones(2)}, "")
+
+
+def test_permuting_a_models_own_state_dict():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    w0, w1 = model[0].weight.clone(), model[1].weight.clone()
+    rules = 'rename "0" -> "x"\nrename "1" -> "0"\nrename "x" -> "1"'
+    ckptmap.load_into(model, model.state_dict(), rules)
+    assert torch.equal(model[0].weight, w1) and torch.equal(model[1].weight, w0)
+
+
+def test_text_files_over_the_limit_are_refused_and_long_lines_cut(tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPTMAP_MAX_TEXT_BYTES", "1000")
+    big = tmp_path / "big.ckmap"
+    big.write_text("# " + "x" * 2000 + "\n")
+    assert "CKPTMAP_MAX_TEXT_BYTES" in _one_line_exit_2("check", big)
+    monkeypatch.delenv("CKPTMAP_MAX_TEXT_BYTES")
+    long = tmp_path / "long.ckmap"
+    long.write_text('rename "' + "a" * 100000 + '" "b"\n')
+    output = _one_line_exit_2("check", long)
+    assert len(output) < 2000, len(output)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "rules:\n  - transform: {from: a, ops: [{pad: [0, 0, " + "9" * 5000 + "]}]}\n",
+        "rules: !!set {a, b}\n",
+    ],
+    ids=["5000 digits", "a set"],
+)
+def test_odd_yaml_values_are_one_line(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    assert "CKM110" in _one_line_exit_2("check", path)
+
+
+def test_a_header_version_of_5000_digits_is_one_line(tmp_path):
+    path = tmp_path / "r.ckmap"
+    path.write_text("ckptmap " + "9" * 5000 + "\n")
+    assert "CKM106" in _one_line_exit_2("check", path)
+
+
+def test_clean_up_never_touches_a_source_named_like_a_partial(tmp_path, inputs):
+    import shutil
+
+    # named as a killed write's leftovers would be (a dead pid), but it is what is read
+    for name in ("3999999-keep", "3999998-abcdefgh"):
+        src = tmp_path / f".o7.safetensors.ckptmap-partial-{name}"
+        shutil.copy(inputs["source"], src)
+        out = tmp_path / "o7.safetensors"
+        _run("apply", inputs["rules"], "-s", src, "-o", out, "--overwrite", status=0)
+        assert src.exists()
+        src.unlink()
+    (tmp_path / ".o9.safetensors.ckptmap-partial-1-abcdefgh").write_text("not ours to glob")
+    _run(
+        "apply",
+        inputs["rules"],
+        "-s",
+        inputs["source"],
+        "-o",
+        tmp_path / "[o]9.safetensors",
+        status=0,
+    )
+    assert (tmp_path / ".o9.safetensors.ckptmap-partial-1-abcdefgh").exists()
+
+
+def test_a_warning_made_an_error_stops_the_load_before_it_starts():
+    import warnings
+
+    model = _model()
+    before = _snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning):
+            ckptmap.load_into(model, _pretrained(), 'on unused warn\nfreeze "**"\nskip "nothing"')
+    assert _same(model, before)
+
+
+def test_a_post_hook_that_reports_missing_keys_fails_the_load():
+    model = _model()
+    before = _snapshot(model)
+    _layer(model, "middle").register_load_state_dict_post_hook(
+        lambda module, keys: keys.missing_keys.append("something")
+    )
+    with pytest.raises(ckptmap.LoadError, match="a load hook says something is missing"):
+        ckptmap.load_into(model, _pretrained(), "")
+    assert _same(model, before)
+
+
+def test_a_factory_that_exits_is_one_line(tmp_path, inputs, monkeypatch):
+    (tmp_path / "exiting.py").write_text("import sys\ndef build():\n    sys.exit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    output = _one_line_exit_2(
+        "plan", inputs["rules"], "-s", inputs["source"], "-t", "exiting:build"
+    )
+    assert "the factory failed (SystemExit" in output
+
+
+def test_a_shard_size_below_a_byte_is_refused(inputs, tmp_path):
+    output = _one_line_exit_2(
+        "apply",
+        inputs["rules"],
+        "-s",
+        inputs["source"],
+        "-o",
+        tmp_path / "o",
+        "--max-shard-size",
+        "0.1",
+    )
+    assert "CKM535" in output
+
+
+def test_fmt_writes_through_a_link_and_keeps_the_mode(tmp_path):
+    real = tmp_path / "real.ckmap"
+    real.write_text('strip   "module."\n')
+    real.chmod(0o600)
+    link = tmp_path / "link.ckmap"
+    link.symlink_to(real)
+    _run("fmt", link, status=0)
+    assert link.is_symlink() and real.read_text().endswith('strip "module."\n')
+    assert real.stat().st_mode & 0o777 == 0o600

@@ -237,6 +237,7 @@ class _ModelLoad:
         self.undo: list[tuple[dict, str, Any, Any, Any]] = []
         self.at = {"module": "", "key": ""}  # where the walk is, for an error's message
         self.shared = _shared_storages(model) if transactional else set()
+        self.kept: set[tuple[int, str]] = set()  # (id of the module's dict, name) kept once
 
     def run(self) -> None:
         import torch
@@ -280,6 +281,11 @@ class _ModelLoad:
             *(b for b in module._buffers if b not in module._non_persistent_buffers_set),
         ]
         mine = [n for n in own if prefix + n in self.loaded and prefix + n not in self.done]
+        if self.transactional and not _plain(module):
+            # its own code may write anything of its subtree, loaded by the plan or not
+            for sub in module.modules():
+                for name in [*sub._parameters, *sub._buffers]:
+                    self.keep(sub, name)
         local = self.fill(module, prefix, mine)
         self.at["key"] = ""
         module._load_from_state_dict(
@@ -297,7 +303,12 @@ class _ModelLoad:
                 self.load(child, f"{prefix}{name}.")
         self.at["module"], self.at["key"] = prefix, ""
         for hook in module._load_state_dict_post_hooks.values():
-            hook(module, _IncompatibleKeys([], []))
+            said = _IncompatibleKeys([], [])
+            hook(module, said)
+            self.errors += [f"{prefix}: a load hook says {k} is missing" for k in said.missing_keys]
+            self.errors += [
+                f"{prefix}: a load hook says {k} is unexpected" for k in said.unexpected_keys
+            ]
 
     def fill(self, module: Any, prefix: str, mine: list[str]) -> dict:
         """Read this module's own tensors: straight from the file where it can (swapped in
@@ -329,6 +340,9 @@ class _ModelLoad:
     def keep(self, module: Any, name: str) -> None:
         store = _store_of(module, name)
         tensor = store[name]
+        if (id(store), name) in self.kept:
+            return
+        self.kept.add((id(store), name))
         if tensor is not None:
             saved = tensor.detach().clone() if self.transactional else None
             self.undo.append((store, name, tensor, saved, None))
@@ -346,6 +360,17 @@ class _ModelLoad:
             and t.untyped_storage().nbytes() == t.numel() * t.element_size()
             and t.untyped_storage().data_ptr() not in self.shared
         )
+
+
+def _plain(module: Any) -> bool:
+    """A module that loads the way torch's own does: no override, no load hooks."""
+    import torch
+
+    return (
+        type(module)._load_from_state_dict is torch.nn.Module._load_from_state_dict
+        and not module._load_state_dict_pre_hooks
+        and not module._load_state_dict_post_hooks
+    )
 
 
 def _store_of(module: Any, name: str) -> dict:
@@ -366,20 +391,13 @@ def _shared_storages(model: Any) -> set[int]:
 def _direct_reads(model: Any, plan: Plan, loaded: dict[str, int], checkpoint: Any) -> dict:
     """A renamed tensor of the right dtype is read from the file straight into the model's
     own memory, no temporary tensor at all: which keys, and where their bytes lie."""
-    import torch
 
     if checkpoint is None:
         return {}
     leaves = {e.value: e for e in plan.sources}
     state = model.state_dict(keep_vars=True)
     # only into modules that load the plain way: no override, no load hooks
-    plain = {
-        prefix
-        for prefix, m in model.named_modules(remove_duplicate=False)
-        if type(m)._load_from_state_dict is torch.nn.Module._load_from_state_dict
-        and not m._load_state_dict_pre_hooks
-        and not m._load_state_dict_post_hooks
-    }
+    plain = {prefix for prefix, m in model.named_modules(remove_duplicate=False) if _plain(m)}
     direct = {}
     for key, value in loaded.items():
         if key.rpartition(".")[0] not in plain:
@@ -584,4 +602,5 @@ def write_plan(
             max_shard_size=max_shard_size,
             on_bytes=on_bytes,
             overwrite=overwrite,
+            keep=[checkpoint.path, *checkpoint.files],
         )

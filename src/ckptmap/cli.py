@@ -159,6 +159,7 @@ def fmt(
         from .errors import RuleSyntaxError
         from .io import refuse_special
         from .io.write import write_text_atomically
+        from .limits import check_text_size
         from .syntax import format_text
 
         changed = []
@@ -167,6 +168,7 @@ def fmt(
                 raise RuleSyntaxError(f"{path}: fmt formats .ckmap files", code="CKM111")
             try:
                 refuse_special(path, RuleSyntaxError)
+                check_text_size(path, RuleSyntaxError, "CKM112")
                 text = path.read_text(encoding="utf-8")
             except OSError as e:
                 raise RuleSyntaxError(
@@ -176,7 +178,7 @@ def fmt(
             if new != text:
                 changed.append(path)
                 if not check:
-                    write_text_atomically(path, new)
+                    write_text_atomically(path, new, follow=True)
         verb = "would reformat" if check else "reformatted"
         for path in changed:
             out().print(f"{verb} {path}")
@@ -343,7 +345,7 @@ def _build_on_meta(spec: str) -> Any:
         sys.path.insert(0, str(Path.cwd()))
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except Exception as e:  # not found, or the module's own code failed on import
+    except (Exception, SystemExit) as e:  # not found, or the module's own code failed
         raise CheckpointError(
             f"{spec}: cannot import the factory ({type(e).__name__}: {e})",
             code="CKM541",
@@ -352,7 +354,7 @@ def _build_on_meta(spec: str) -> Any:
     try:
         with torch.device("meta"):
             model = factory()
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a factory that parses arguments exits, say so
         raise CheckpointError(
             f"{spec}: the factory failed ({type(e).__name__}: {e})",
             code="CKM541",
@@ -672,8 +674,10 @@ def _write_with_progress(the_plan, ckpt, out_path, metadata, shard_size, overwri
 def _read_text(path: Path) -> str:
     from .errors import CheckpointError
     from .io import refuse_special
+    from .limits import check_text_size
 
     refuse_special(path)
+    check_text_size(path)
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

@@ -69,10 +69,17 @@ class CkptmapError(Exception):
             if self.span.end_line == self.span.line and self.span.end_column:
                 width = max(1, self.span.end_column - self.span.column)
             text = self.line_text.rstrip("\n").expandtabs(1)
+            column = self.span.column
+            if len(text) > 160:  # a long line: the part around the column, not all of it
+                start = max(0, column - 80)
+                text = ("..." if start else "") + text[start : start + 160] + "..."
+                column -= start - (3 if start else 0)
+                width = min(width, 80)
+            text = "".join(c if c.isprintable() else "?" for c in text)
             out += [
                 f"{pad} |",
                 f"{num} | {text}",
-                f"{pad} | {' ' * (self.span.column - 1)}{'^' * width}",
+                f"{pad} | {' ' * (column - 1)}{'^' * width}",
             ]
         out += [f"  {d}" for d in self.details]
         if self.hint:
@@ -254,6 +261,7 @@ CODES: dict[str, tuple[type[CkptmapError], str]] = {
         "sparse, quantized, meta or nested source tensors, refused before any write",
     ),
     "CKM407": (LoadError, "a tensor the plan would hold is larger than this machine's memory"),
+    "CKM408": (LoadError, "a model on the meta device: nothing to load into"),
     "CKM500": (CheckpointError, "a file that cannot be read or written safely (the class's code)"),
     "CKM501": (CheckpointError, "no such file, or it cannot be read"),
     "CKM502": (CheckpointError, "a folder with no index and no single model file"),

@@ -6,12 +6,14 @@ minute of work or the allocator's error.
 | CKPTMAP_MAX_KEYS           | 500,000      | tensors in one checkpoint or key set       |
 | CKPTMAP_MAX_KEY_LENGTH     | 4,096        | characters in one tensor name              |
 | CKPTMAP_MAX_HEADER_BYTES   | 100 MiB      | a safetensors header (safetensors' own)    |
+| CKPTMAP_MAX_TEXT_BYTES     | 64 MiB       | a rule file, a saved plan, a target JSON   |
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 from .errors import CheckpointError
 
@@ -19,6 +21,7 @@ DEFAULTS = {
     "CKPTMAP_MAX_KEYS": 500_000,
     "CKPTMAP_MAX_KEY_LENGTH": 4096,
     "CKPTMAP_MAX_HEADER_BYTES": 100 * 1024 * 1024,
+    "CKPTMAP_MAX_TEXT_BYTES": 64 * 1024 * 1024,
 }
 
 
@@ -51,4 +54,21 @@ def check_keys(keys: Iterable[str], where: str) -> None:
             f"limit of {most:,}",
             code="CKM512",
             hint="a larger limit: CKPTMAP_MAX_KEY_LENGTH=N in the environment",
+        )
+
+
+def check_text_size(path: Path, error: type = CheckpointError, code: str = "CKM512") -> None:
+    """A text file (rules, a plan, target shapes) is read whole: refuse one over the limit."""
+    import os
+
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        return  # the read that follows says what is wrong
+    most = limit("CKPTMAP_MAX_TEXT_BYTES")
+    if size > most:
+        raise error(
+            f"{path}: {size:,} bytes, over the limit of {most:,} for a text file",
+            code=code,
+            hint="a larger limit: CKPTMAP_MAX_TEXT_BYTES=N in the environment",
         )

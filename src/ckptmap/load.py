@@ -76,8 +76,15 @@ def load_into(
                 f"{o.target}: cannot load a complex tensor ({o.dtype}) into {dst}", code="CKM403"
             )
     refuse_oversized(plan)
+    _refuse_meta_model(model, plan)
     tensors = checked_source(plan, source)
     refuse_unloadable(plan, source, tensors)
+    if not isinstance(source, Checkpoint):  # a file's tensors are not the model's
+        tensors = _apart_from(model, tensors)
+    if plan.warnings:  # said before anything is written: a warning made an error stops here
+        from .report import render_problems
+
+        warnings.warn("ckptmap: " + "\n".join(render_problems(plan.warnings, plan)), stacklevel=2)
     stream_into(
         model,
         plan,
@@ -95,10 +102,7 @@ def load_into(
             param.requires_grad_(not decisions[name])
         if not param.requires_grad and name in decisions:
             frozen.append(name)
-    report = plan.report(frozen=frozen)
-    if report.warnings:
-        warnings.warn("ckptmap: " + "\n".join(report.warnings), stacklevel=2)
-    return report
+    return plan.report(frozen=frozen)
 
 
 def migrate(
@@ -131,3 +135,52 @@ def migrate(
         on_unused=on_unused,
     )
     return apply_plan(plan, source), plan.report(frozen=[])  # a state_dict has no requires_grad
+
+
+def _refuse_meta_model(model: Any, plan: Any) -> None:
+    """A model on the meta device has no memory to load into: say so, not "loaded"."""
+    state = model.state_dict(keep_vars=True)
+    meta = [
+        o.target
+        for o in plan.outputs
+        if o.status == "loaded" and state.get(o.target) is not None and state[o.target].is_meta
+    ]
+    if meta:
+        raise LoadError(
+            f"{meta[0]} (and {len(meta) - 1} more) is on the meta device: there is nothing to "
+            "load into",
+            code="CKM408",
+            hint="build the model on a real device first (model.to_empty(device='cpu'))",
+        )
+
+
+def _apart_from(model: Any, tensors: Any) -> Any:
+    """A source that is the model's own state_dict (or shares its storage) is read before
+    it is written: those tensors are copied first, or a permutation would read what it
+    already overwrote."""
+    from collections.abc import Mapping
+
+    if not isinstance(tensors, Mapping):
+        return tensors
+    import torch
+
+    mine = {
+        t.untyped_storage().data_ptr()
+        for t in model.state_dict(keep_vars=True).values()
+        if isinstance(t, torch.Tensor) and not t.is_meta and t.numel()
+    }
+    shared = [
+        k
+        for k, t in tensors.items()
+        if isinstance(t, torch.Tensor)
+        and t.layout == torch.strided
+        and not t.is_meta
+        and t.numel()
+        and t.untyped_storage().data_ptr() in mine
+    ]
+    if not shared:
+        return tensors
+    copy = dict(tensors)
+    for key in shared:
+        copy[key] = tensors[key].detach().clone()
+    return copy

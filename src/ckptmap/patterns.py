@@ -17,12 +17,50 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 SKIP = object()  # what a `skip` rule answers for a key it drops
 REGEX_BUDGET = 5.0  # seconds one regex rule may spend matching, over all keys of a plan
+
+
+MAX_REPEAT_COPIES = 100_000
+
+
+def _repeat_copies(text: str) -> int:
+    """The most copies of one piece that nested counted repeats ask for: `(?:(?:a{1000}){1000})`
+    is a million; a regex engine builds them before matching anything."""
+    try:
+        import re._parser as sre  # type: ignore[import-not-found]
+    except ImportError:  # Python 3.10
+        import sre_parse as sre  # type: ignore[no-redef]
+
+    repeats = {
+        getattr(sre, n)
+        for n in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+        if hasattr(sre, n)
+    }
+
+    def walk(items: Any) -> int:
+        most = 1
+        for op, av in items:
+            if op in repeats:
+                low, high, sub = av
+                count = low if high == sre.MAXREPEAT else high
+                most = max(most, max(count, 1) * walk(sub))
+            elif op == sre.SUBPATTERN:
+                most = max(most, walk(av[-1]))
+            elif op == sre.BRANCH:
+                most = max(most, *(walk(branch) for branch in av[1]))
+            elif op in (sre.ASSERT, sre.ASSERT_NOT):
+                most = max(most, walk(av[1]))
+            elif op == getattr(sre, "ATOMIC_GROUP", None):
+                most = max(most, walk(av))
+        return most
+
+    return walk(sre.parse(text))
 
 
 class PatternError(ValueError):
@@ -63,7 +101,17 @@ class Matcher:
 
             try:
                 re.compile(text)  # re's messages point at the mistake; regex's at the end
+                copies = _repeat_copies(text)
+                if copies > MAX_REPEAT_COPIES:  # the engine would build them all: memory
+                    raise PatternError(
+                        f"invalid regex: nested repeats make {copies:,} copies of a piece "
+                        f"(at most {MAX_REPEAT_COPIES:,})",
+                        0,
+                        "CKM201",
+                    )
                 self._regex = engine.compile(text)
+            except PatternError:
+                raise
             except re.error as e:
                 raise PatternError(f"invalid regex: {e.msg}", e.pos or 0, "CKM201") from None
             except engine.error as e:

@@ -260,12 +260,12 @@ class _ToIR(Transformer):
         return Ruleset(rules=tuple(rules), version=version, file=self.file, text=self.text)
 
     def header(self, meta: Any, number: Token) -> tuple[int]:
-        version = int(number)
-        if version != 1:
+        if number.value != "1":
+            shown = number.value if len(number.value) < 20 else number.value[:17] + "..."
             raise self._error(
-                "CKM106", f"unsupported language version {version} (this ckptmap reads 1)", number
+                "CKM106", f"unsupported language version {shown} (this ckptmap reads 1)", number
             )
-        return (version,)
+        return (1,)
 
     def pattern(self, meta: Any, token: Token) -> Pattern:
         span = self._span(token)
@@ -318,6 +318,8 @@ class _ToIR(Transformer):
 
     def number(self, meta: Any, token: Token) -> int | float:
         text = token.value
+        if len(text) > 40:  # no op takes such a number; int() of thousands of digits refuses
+            raise self._error("CKM108", f"a number of {len(text)} digits", token)
         return float(text) if any(c in text for c in ".eE") else int(text)
 
     def word(self, meta: Any, token: Token) -> str:
@@ -403,6 +405,8 @@ def parse_yaml(text: str, path: str | Path | None = None) -> Ruleset:
         raise RuleSyntaxError(f"not valid YAML: {e}", code="CKM110") from None
     except RecursionError:
         raise RuleSyntaxError("not a rule file: it nests too deeply", code="CKM110") from None
+    except ValueError as e:  # a value YAML reads but Python refuses (a 5,000-digit integer)
+        raise RuleSyntaxError(f"not a rule file: {str(e)[:200]}", code="CKM110") from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -421,6 +425,8 @@ def parse_yaml(text: str, path: str | Path | None = None) -> Ruleset:
         raise error("CKM110", f"{where}: {err['msg']}", root) from None
 
     items = _value_node(root, "rules")
+    if items is not None and not isinstance(items, yaml.SequenceNode) and doc.rules:
+        raise error("CKM110", "`rules:` is a list of statements", items)
     rules = []
     for item, node in zip(doc.rules, items.value if items else [], strict=False):
         keys = [k for k in item if k != "optional"] if isinstance(item, dict) else []
@@ -482,8 +488,10 @@ def load_rules(path: str | Path) -> Ruleset:
             hint="use .ckmap, .yaml, .yml or .json",
         )
     from .io import refuse_special
+    from .limits import check_text_size
 
     refuse_special(path, RuleSyntaxError)
+    check_text_size(path, RuleSyntaxError, "CKM112")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -7,6 +7,7 @@ the size its shape and dtype need, no two ranges overlapping).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -37,6 +38,20 @@ BLOCK = 8 << 20  # bytes of a non-contiguous tensor made contiguous at a time fo
 
 
 MAX_DIM = 2**63  # a size torch can hold
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (json.loads would keep the last, silently;
+    safetensors refuses such files)."""
+    out = dict(items)
+    if len(out) != len(items):
+        keys = [k for k, _ in items]
+        raise _Duplicate(f"names {next(k for k in keys if keys.count(k) > 1)!r} twice")
+    return out
 
 
 def refuse_duplicate_keys(text: bytes | str, what: str) -> Any:
@@ -83,7 +98,9 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})", code="CKM501") from None
     check_count(body.count(b'"data_offsets"'), str(path))  # before parsing: a bound on the work
     try:
-        header = json.loads(body)
+        header = json.loads(body, object_pairs_hook=_no_duplicates)
+    except _Duplicate as e:
+        raise CheckpointError(f"{path}: the header {e}", code="CKM511") from None
     except (UnicodeDecodeError, ValueError) as e:  # ValueError: also integers of 5,000 digits
         raise CheckpointError(
             f"{path}: the header is not valid JSON ({str(e)[:200]})", code="CKM511"
@@ -92,10 +109,6 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         raise CheckpointError(f"{path}: the header nests too deeply", code="CKM511") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the header is not a JSON object", code="CKM511")
-    # every tensor entry has one "data_offsets": fewer entries than that means a name was
-    # given twice, which json.loads settles silently (last wins) and safetensors refuses
-    if body.count(b'"data_offsets"') > len(header) - ("__metadata__" in header):
-        refuse_duplicate_keys(body, f"{path}: the header")
     check_keys(header, str(path))
     _validate(path, header, size - 8 - n)
     return header, 8 + n
@@ -295,7 +308,14 @@ class RawBytes(NamedTuple):
         if len(pieces) == 1:
             self._read(view, 0, self.length)
         else:  # the kernel copies (and faults in fresh pages) on every core, as torch would
-            list(_readers().map(lambda p: self._read(view, *p), pieces))
+            futures = [_readers().submit(self._read, view, *p) for p in pieces]
+            try:
+                for future in futures:
+                    future.result()
+            finally:  # no piece may still be writing when the caller undoes or re-raises
+                for future in futures:
+                    future.cancel()
+                concurrent.futures.wait(futures)
 
     def _read(self, view: memoryview, start: int, end: int) -> None:
         with open(self.path, "rb", buffering=0) as f:

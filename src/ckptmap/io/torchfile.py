@@ -129,7 +129,13 @@ def _mapping_is_exact(path: Path) -> bool:
 
     try:
         with zipfile.ZipFile(path) as archive:
-            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            names = archive.namelist()
+            if len(names) != len(set(names)):  # readers disagree on which entry counts
+                twice = sorted({n for n in names if names.count(n) > 1})[0]
+                raise CheckpointError(
+                    f"{path}: the zip holds {twice!r} twice (a damaged file)", code="CKM525"
+                )
+            pickles = [n for n in names if n.endswith("/data.pkl")]
             if len(pickles) != 1:
                 return False
             prefix = pickles[0].removesuffix("data.pkl")
@@ -139,7 +145,12 @@ def _mapping_is_exact(path: Path) -> bool:
                 _, storage_type, key, _, numel = saved_id
                 dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
                 nbytes = int(numel) * torch._utils._element_size(dtype)
-                needs[str(key)] = nbytes
+                if needs.setdefault(str(key), nbytes) != nbytes:  # torch takes the first
+                    raise CheckpointError(
+                        f"{path}: storage {key} is claimed with {needs[str(key)]} and {nbytes} "
+                        "bytes (a damaged file)",
+                        code="CKM525",
+                    )
                 return torch.storage.TypedStorage(
                     wrap_storage=torch.UntypedStorage(nbytes, device="meta"),
                     dtype=dtype,

@@ -161,7 +161,7 @@ def parse_size(text: str) -> int:
     base = 1024 if unit.endswith("I") else 1000
     power = "KMGT".index(unit[0]) + 1 if unit else 0
     size = float(m.group(1)) * base**power
-    if not 0 < size < 2**63:
+    if not 1 <= size < 2**63:
         raise CheckpointError(f"{text[:40]!r} is not a size a file can have", code="CKM535")
     return int(size)
 
@@ -176,8 +176,10 @@ def save_checkpoint(
     max_shard_size: int | None = None,
     on_bytes: Callable[[int], None] | None = None,
     overwrite: bool = False,
+    keep: Iterable[Path] = (),
 ) -> list[Path]:
     """Write the tensors named in `items` (read one at a time through `fetch`), atomically.
+    `keep`: paths being read, which no clean-up may touch.
 
     `aliases` maps a name to the name it is tied to: stored once, restored on read.
     An existing `out` is replaced only with `overwrite`. Returns the files written.
@@ -185,7 +187,7 @@ def save_checkpoint(
     out = Path(out)
     aliases = dict(aliases or {})
     check_destination(out, sharded=max_shard_size is not None, overwrite=overwrite)
-    _clean_stale_partials(out)
+    _clean_stale_partials(out, keep)
     if max_shard_size is not None:
         return _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes)
     tmp = None
@@ -317,11 +319,19 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _clean_stale_partials(out: Path) -> None:
-    """Remove what an earlier, killed write to the same destination left behind."""
-    for partial in out.parent.glob(f".{out.name}{PARTIAL}*"):
-        pid = partial.name.rsplit(PARTIAL, 1)[-1].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+def _clean_stale_partials(out: Path, keep: Iterable[Path] = ()) -> None:
+    """Remove what an earlier, killed write to the same destination left behind: only names
+    exactly as this writer makes them, never a path the command reads."""
+    made = re.compile(
+        rf"\.{re.escape(out.name)}{re.escape(PARTIAL)}(\d+)-(?:[a-z0-9_]{{8}}|old-[0-9a-f]{{8}})"
+    )
+    kept = {Path(p).resolve() for p in keep}
+    for partial in out.parent.iterdir():
+        found = made.fullmatch(partial.name)
+        if found is None or partial.resolve() in kept:
+            continue
+        pid = found[1]
+        if not _alive(int(pid)):
             if partial.is_dir() and not partial.is_symlink():
                 shutil.rmtree(partial, ignore_errors=True)
             else:
@@ -366,12 +376,20 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Replace a text file (a rule file, a report) with no moment where it is half written."""
+def write_text_atomically(path: Path, text: str, follow: bool = False) -> None:
+    """Replace a text file (a rule file, a report) with no moment where it is half written.
+
+    An existing file keeps its permissions. `follow`: a symlink's target is rewritten (the
+    rule file `fmt` was given is the one it points at); otherwise a link is replaced."""
     path = Path(path)
+    if follow and path.is_symlink():
+        path = path.resolve()
     tmp = None
     try:
         fd, tmp = _create_exclusive(path)
+        with contextlib.suppress(FileNotFoundError):
+            if not path.is_symlink():
+                os.fchmod(fd, path.stat().st_mode & 0o7777)
         with open(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
