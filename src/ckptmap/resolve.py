@@ -69,92 +69,15 @@ def _build_plan(
     builder = Builder(program, source)
     live = builder.run()
     problems, used = builder.problems, builder.used
-
-    # outputs: what the pipeline produced, then `init` on final names
-    outputs: list[OutputEntry] = []
-    inits = program.inits
-    for n in live:
-        name = n.name
-        failed = n.failed
-        if not name or name[0] == "." or name[-1] == "." or ".." in name:
-            failed = failed or "name"
-            problems.append(
-                problem(
-                    "CKM305",
-                    "name",
-                    f"{', '.join(n.sources)} became {n.name!r}, not a valid key",
-                    list(n.sources),
-                    n.rules,
-                )
-            )
-        status, reason, rules = "loaded", None, list(n.rules)
-        init = _first_match(inits, name) if inits else None
-        if failed is not None:
-            status, reason = "failed", failed
-        elif init is not None:
-            used.add(init.id)
-            rules.append(init.id)
-            status, reason = "skipped", "init"
-        v = builder.values[n.value]
-        outputs.append(
-            OutputEntry(
-                target=name,
-                value=n.value,
-                shape=list(v.shape),
-                dtype=v.dtype,
-                sources=list(n.sources),
-                status=status,
-                reason=reason,
-                rules=rules,
-            )
-        )
-
-    # two tensors on one name: never silent
-    landing: dict[str, list[OutputEntry]] = defaultdict(list)
-    for o in outputs:
-        if o.status == "loaded":
-            landing[o.target].append(o)
-    for name in sorted(name for name, group in landing.items() if len(group) > 1):
-        group = landing[name]
-        via = "; ".join(
-            f"{', '.join(o.sources)} via {_rules_text(program, o.rules)}" for o in group
-        )
-        problems.append(
-            problem(
-                "CKM301",
-                "conflict",
-                f"{len(group)} sources map to {name!r}: {via}",
-                [s for o in group for s in o.sources],
-                sorted({r for o in group for r in o.rules}),
-            )
-        )
-        for o in group:
-            o.status, o.reason = "failed", "conflict"
-        del landing[name]
-
+    outputs = _outputs(program, builder, live)
+    landing = _landing(program, outputs, problems)
     targets = None
     if target is not None:
         targets = _match_target(
             program, builder, outputs, landing, target, policies, used, problems
         )
-
     sources = _source_entries(builder, outputs, source)
-
-    trainable = []
-    if not program.trainability:
-        names = []
-    elif target is not None:
-        names = sorted(target.parameters if target.parameters is not None else target.meta)
-    else:
-        names = sorted(landing)
-    for name in names:
-        decided = _last_match(program.trainability, name)
-        if decided is not None:
-            used.add(decided.id)
-            trainable.append(
-                Trainable(target=name, frozen=decided.node.keyword == "freeze", rule=decided.id)
-            )
-
+    trainable = _trainable(program, target, landing, used)
     unused = [
         r.id
         for r in program.rules
@@ -179,6 +102,100 @@ def _build_plan(
     )
     plan.fingerprint = fingerprint_of(plan)
     return plan
+
+
+def _outputs(program: Program, builder: Builder, live: list) -> list[OutputEntry]:
+    """What the pipeline produced, each under its final name, then `init` on those names;
+    a name that is no key is a problem."""
+    outputs: list[OutputEntry] = []
+    inits = program.inits
+    for n in live:
+        name = n.name
+        failed = n.failed
+        if not name or name[0] == "." or name[-1] == "." or ".." in name:
+            failed = failed or "name"
+            builder.problems.append(
+                problem(
+                    "CKM305",
+                    "name",
+                    f"{', '.join(n.sources)} became {n.name!r}, not a valid key",
+                    list(n.sources),
+                    n.rules,
+                )
+            )
+        status, reason, rules = "loaded", None, list(n.rules)
+        init = _first_match(inits, name) if inits else None
+        if failed is not None:
+            status, reason = "failed", failed
+        elif init is not None:
+            builder.used.add(init.id)
+            rules.append(init.id)
+            status, reason = "skipped", "init"
+        v = builder.values[n.value]
+        outputs.append(
+            OutputEntry(
+                target=name,
+                value=n.value,
+                shape=list(v.shape),
+                dtype=v.dtype,
+                sources=list(n.sources),
+                status=status,
+                reason=reason,
+                rules=rules,
+            )
+        )
+    return outputs
+
+
+def _landing(
+    program: Program, outputs: list[OutputEntry], problems: list[Problem]
+) -> dict[str, list[OutputEntry]]:
+    """The loaded outputs by name. Two tensors on one name are never silent: a problem
+    naming both and their rules, and neither is loaded."""
+    landing: dict[str, list[OutputEntry]] = defaultdict(list)
+    for o in outputs:
+        if o.status == "loaded":
+            landing[o.target].append(o)
+    for name in sorted(name for name, group in landing.items() if len(group) > 1):
+        group = landing[name]
+        via = "; ".join(
+            f"{', '.join(o.sources)} via {_rules_text(program, o.rules)}" for o in group
+        )
+        problems.append(
+            problem(
+                "CKM301",
+                "conflict",
+                f"{len(group)} sources map to {name!r}: {via}",
+                [s for o in group for s in o.sources],
+                sorted({r for o in group for r in o.rules}),
+            )
+        )
+        for o in group:
+            o.status, o.reason = "failed", "conflict"
+        del landing[name]
+    return landing
+
+
+def _trainable(
+    program: Program, target: Described | None, landing: dict, used: set[int]
+) -> list[Trainable]:
+    """freeze/unfreeze on the target's parameters (or, without a target, the loaded names):
+    the last matching rule decides."""
+    if not program.trainability:
+        return []
+    if target is not None:
+        names = sorted(target.parameters if target.parameters is not None else target.meta)
+    else:
+        names = sorted(landing)
+    trainable = []
+    for name in names:
+        decided = _last_match(program.trainability, name)
+        if decided is not None:
+            used.add(decided.id)
+            trainable.append(
+                Trainable(target=name, frozen=decided.node.keyword == "freeze", rule=decided.id)
+            )
+    return trainable
 
 
 def _source_entries(
