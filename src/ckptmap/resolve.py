@@ -253,15 +253,17 @@ def _match_target(
     used: set[int],
     problems: list[Problem],
 ) -> list[TargetEntry]:
+    """Each output checked against the target (unexpected, mismatched), then each target key
+    given its provider, its `init`, its tied twin, or reported missing."""
     mismatched: dict[str, OutputEntry] = {}
     for o in outputs:
         if o.status != "loaded":
             continue
         want = target.meta.get(o.target)
-        what = ", ".join(o.sources) if o.sources != [o.target] else o.target
         if want is None:
             o.status = "unexpected"
             if policies["unexpected"] != "ignore":
+                what = ", ".join(o.sources) if o.sources != [o.target] else o.target
                 problems.append(
                     problem(
                         "CKM304",
@@ -276,58 +278,12 @@ def _match_target(
             o.status, o.reason = "skipped", "mismatch"
             mismatched[o.target] = o
             if policies["mismatch"] == "error":
-                history = builder.history(o.value)
-                if history is None:  # no op touched it: the file's shape is the one compared
-                    said = f"{what} {list(o.shape)} -> {o.target} expects {list(want.shape)}"
-                else:
-                    said = (
-                        f"{history} gives {list(o.shape)} for {o.target}, which expects "
-                        f"{list(want.shape)}"
-                    )
-                # the rule that decided the shape: the one whose op made it, else the last
-                decider = builder.shaped_by(o.value)
-                if decider is None and o.rules:
-                    decider = o.rules[-1]
-                if decider is not None:
-                    said += f" (via {program.rules[decider].where()})"
-                problems.append(
-                    problem(
-                        "CKM302",
-                        "mismatch",
-                        f"shape mismatch: {said}",
-                        [*o.sources, o.target],
-                        o.rules,
-                    )
-                )
-
-    out: dict[str, TargetEntry] = {}
+                problems.append(_mismatch(program, builder, o, want.shape))
     failed = {o.target: o for o in outputs if o.status == "failed"}
-    for name in sorted(target.meta):
-        meta = target.meta[name]
-        base = {"target": name, "shape": list(meta.shape), "dtype": meta.dtype}
-        providers = [o for o in landing.get(name, ()) if o.status == "loaded"]
-        if providers:
-            out[name] = TargetEntry(
-                **base, status="loaded", sources=providers[0].sources, rules=providers[0].rules
-            )
-        elif name in mismatched:
-            o = mismatched[name]
-            out[name] = TargetEntry(
-                **base, status="initialized", sources=o.sources, reason="mismatch", rules=o.rules
-            )
-        elif (init := _first_match(program.inits, name)) is not None:
-            used.add(init.id)
-            out[name] = TargetEntry(**base, status="initialized", reason="init", rules=[init.id])
-        elif name in failed:  # its provider failed: that problem is the one to read
-            o = failed[name]
-            out[name] = TargetEntry(
-                **base, status="missing", sources=o.sources, reason="failed", rules=o.rules
-            )
-        elif name in builder.failed_names:  # what a failed merge or split would have made
-            out[name] = TargetEntry(**base, status="missing", reason="failed")
-        else:
-            out[name] = TargetEntry(**base, status="missing")
-
+    out = {
+        name: _target_entry(program, builder, failed, landing, mismatched, used, name, meta)
+        for name, meta in sorted(target.meta.items())
+    }
     # a key that shares storage with a loaded key is loaded too (tied embeddings)
     for name, entry in out.items():
         if entry.status != "missing" or entry.reason == "failed":
@@ -349,6 +305,50 @@ def _match_target(
                 )
             )
     return list(out.values())
+
+
+def _mismatch(program: Program, builder: Builder, o: OutputEntry, want: tuple) -> Problem:
+    """A shape mismatch said as it happened: the file's shape, the ops, what they made, what
+    the target expects, and the rule that decided the shape."""
+    what = ", ".join(o.sources) if o.sources != [o.target] else o.target
+    history = builder.history(o.value)
+    if history is None:  # no op touched it: the file's shape is the one compared
+        said = f"{what} {list(o.shape)} -> {o.target} expects {list(want)}"
+    else:
+        said = f"{history} gives {list(o.shape)} for {o.target}, which expects {list(want)}"
+    # the rule that decided the shape: the one whose op made it, else the last
+    decider = builder.shaped_by(o.value)
+    if decider is None and o.rules:
+        decider = o.rules[-1]
+    if decider is not None:
+        said += f" (via {program.rules[decider].where()})"
+    return problem("CKM302", "mismatch", f"shape mismatch: {said}", [*o.sources, o.target], o.rules)
+
+
+def _target_entry(program, builder, failed, landing, mismatched, used, name, meta) -> TargetEntry:
+    """Where one target key comes from (its tie is decided after all are known)."""
+    base = {"target": name, "shape": list(meta.shape), "dtype": meta.dtype}
+    providers = [o for o in landing.get(name, ()) if o.status == "loaded"]
+    if providers:
+        return TargetEntry(
+            **base, status="loaded", sources=providers[0].sources, rules=providers[0].rules
+        )
+    if name in mismatched:
+        o = mismatched[name]
+        return TargetEntry(
+            **base, status="initialized", sources=o.sources, reason="mismatch", rules=o.rules
+        )
+    if (init := _first_match(program.inits, name)) is not None:
+        used.add(init.id)
+        return TargetEntry(**base, status="initialized", reason="init", rules=[init.id])
+    if name in failed:  # its provider failed: that problem is the one to read
+        o = failed[name]
+        return TargetEntry(
+            **base, status="missing", sources=o.sources, reason="failed", rules=o.rules
+        )
+    if name in builder.failed_names:  # what a failed merge or split would have made
+        return TargetEntry(**base, status="missing", reason="failed")
+    return TargetEntry(**base, status="missing")
 
 
 def _unused_problems(
