@@ -18,11 +18,26 @@ if TYPE_CHECKING:
 
 
 def invert(plan: Plan, allow_lossy: bool = False) -> Plan:
-    from .plan import OutputEntry, Plan, SourceEntry, Step, fingerprint_of, jsonable, problem
-
     plan.check()
-    loaded = [o for o in plan.outputs if o.status == "loaded"]
-    available = {o.value for o in loaded}
+    steps, available, lossy = _inverse_steps(plan, allow_lossy)
+    lossy += _lost_sources(plan, available, lossy, allow_lossy)
+    if lossy and not allow_lossy:
+        raise PlanError(
+            f"the plan cannot be reversed exactly: {len(lossy)} entr{'ies' if len(lossy) > 1 else 'y'}",
+            code="CKM308",
+            problems=lossy,
+            details=summarize([p.message for p in lossy]),
+            hint="Plan.inverse(allow_lossy=True) / --allow-lossy restores what it can",
+        )
+    return _inverse_plan(plan, steps, available, lossy)
+
+
+def _inverse_steps(plan: Plan, allow_lossy: bool) -> tuple[list, set[int], list]:
+    """Each step replaced by its inverse for the shapes it saw, last first; what cannot be
+    inverted exactly is a lossy problem (and, with `allow_lossy`, its approximation)."""
+    from .plan import Step, jsonable, problem
+
+    available = {o.value for o in plan.outputs if o.status == "loaded"}
     steps: list[Step] = []
     lossy: list[Problem] = []
 
@@ -69,7 +84,15 @@ def invert(plan: Plan, allow_lossy: bool = False) -> Plan:
             )
         )
         available.update(step.inputs)
+    return steps, available, lossy
 
+
+def _lost_sources(plan: Plan, available: set[int], lossy: list, allow_lossy: bool) -> list:
+    """The sources nothing brings back (skipped, replaced by init, not in the target...),
+    except those a lossy step already names."""
+    from .plan import problem
+
+    found = []
     lost = [e for e in plan.sources if e.value not in available]
     behind_lossy = {s for p in lossy for s in p.keys}
     for e in lost:
@@ -82,7 +105,7 @@ def invert(plan: Plan, allow_lossy: bool = False) -> Plan:
         }.get(e.reason or "", "not everything made from it is in the output")
         if e.status == "unexpected":
             why = "its name is not in the target"
-        lossy.append(
+        found.append(
             problem(
                 "CKM308",
                 "lossy",
@@ -92,15 +115,15 @@ def invert(plan: Plan, allow_lossy: bool = False) -> Plan:
                 "warn" if allow_lossy else "error",
             )
         )
-    if lossy and not allow_lossy:
-        raise PlanError(
-            f"the plan cannot be reversed exactly: {len(lossy)} entr{'ies' if len(lossy) > 1 else 'y'}",
-            code="CKM308",
-            problems=lossy,
-            details=summarize([p.message for p in lossy]),
-            hint="Plan.inverse(allow_lossy=True) / --allow-lossy restores what it can",
-        )
+    return found
 
+
+def _inverse_plan(plan: Plan, steps: list, available: set[int], lossy: list) -> Plan:
+    """The inverted plan: the outputs become the sources, the sources that came back the
+    outputs."""
+    from .plan import OutputEntry, Plan, SourceEntry, fingerprint_of
+
+    loaded = [o for o in plan.outputs if o.status == "loaded"]
     restored = [e for e in plan.sources if e.value in available]
     feeds = {o.value: o.target for o in loaded}
     inverse = Plan(
