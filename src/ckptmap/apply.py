@@ -541,35 +541,10 @@ def write_plan(
     plan.check()
     refuse_oversized(plan)
     meta = checkpoint.meta()
-    problems = [f"{e.source}: not in the checkpoint" for e in plan.sources if e.source not in meta]
-    problems += [
-        f"{e.source}: the checkpoint has {list(meta[e.source].shape)}, the plan {e.shape}"
-        for e in plan.sources
-        if e.source in meta and list(meta[e.source].shape) != e.shape
-    ]
-    problems += [  # bytes are copied as they are: a dtype the plan did not see would be garbage
-        f"{e.source}: the checkpoint has {meta[e.source].dtype}, the plan {e.dtype}"
-        for e in plan.sources
-        if e.source in meta and e.dtype and meta[e.source].dtype and meta[e.source].dtype != e.dtype
-    ]
-    if problems:  # keys the plan does not use may stay behind (a reversed plan's new head)
-        raise LoadError(
-            "the checkpoint does not match the plan",
-            code="CKM402",
-            details=summarize(problems),
-            hint="make the plan from this checkpoint, or cast it to the plan's dtypes first",
-        )
+    _refuse_other_checkpoint(plan, meta)
     loaded = [o for o in plan.outputs if o.status == "loaded"]
-    # tied sources passed through unchanged are stored once, under the name given first
     by_value = {e.value: e.source for e in plan.sources}
-    ties = checkpoint.ties()
-    order = {name: i for i, name in enumerate(meta)}
-    renamed = {by_value[o.value]: o.target for o in loaded if o.value in by_value}
-    aliases = {}
-    for source, target in renamed.items():
-        group = sorted((s for s in ties.get(source, ()) if s in renamed), key=order.get)
-        if group and renamed[group[0]] != target:
-            aliases[target] = renamed[group[0]]
+    aliases = _aliases(loaded, by_value, checkpoint.ties(), meta)
     value_of = {o.target: o.value for o in loaded}
     # a renamed tensor going to safetensors is copied byte for byte, never decoded
     raw = {}
@@ -604,3 +579,38 @@ def write_plan(
             overwrite=overwrite,
             keep=[checkpoint.path, *checkpoint.files],
         )
+
+
+def _refuse_other_checkpoint(plan: Plan, meta: dict) -> None:
+    """The checkpoint must hold what the plan was made for: names, shapes and dtypes."""
+    problems = [f"{e.source}: not in the checkpoint" for e in plan.sources if e.source not in meta]
+    problems += [
+        f"{e.source}: the checkpoint has {list(meta[e.source].shape)}, the plan {e.shape}"
+        for e in plan.sources
+        if e.source in meta and list(meta[e.source].shape) != e.shape
+    ]
+    problems += [  # bytes are copied as they are: a dtype the plan did not see would be garbage
+        f"{e.source}: the checkpoint has {meta[e.source].dtype}, the plan {e.dtype}"
+        for e in plan.sources
+        if e.source in meta and e.dtype and meta[e.source].dtype and meta[e.source].dtype != e.dtype
+    ]
+    if problems:  # keys the plan does not use may stay behind (a reversed plan's new head)
+        raise LoadError(
+            "the checkpoint does not match the plan",
+            code="CKM402",
+            details=summarize(problems),
+            hint="make the plan from this checkpoint, or cast it to the plan's dtypes first",
+        )
+
+
+def _aliases(loaded: list, by_value: dict, ties: dict, meta: dict) -> dict[str, str]:
+    """Tied sources passed through unchanged are stored once, under the name given first:
+    {alias: stored name}."""
+    order = {name: i for i, name in enumerate(meta)}
+    renamed = {by_value[o.value]: o.target for o in loaded if o.value in by_value}
+    aliases = {}
+    for source, target in renamed.items():
+        group = sorted((s for s in ties.get(source, ()) if s in renamed), key=order.get)
+        if group and renamed[group[0]] != target:
+            aliases[target] = renamed[group[0]]
+    return aliases
