@@ -68,13 +68,7 @@ def load_into(
     plan.check()
     # Everything is checked before the first tensor is written: shapes and names (the
     # plan did), the source against the plan, and that each dtype can be copied over.
-    targets = {t.target: t for t in plan.targets or ()}
-    for o in plan.outputs:
-        dst = targets[o.target].dtype or "" if o.target in targets else ""
-        if o.status == "loaded" and (o.dtype or "").startswith("complex") and "complex" not in dst:
-            raise LoadError(
-                f"{o.target}: cannot load a complex tensor ({o.dtype}) into {dst}", code="CKM403"
-            )
+    _refuse_complex_into_real(plan)
     refuse_oversized(plan)
     _refuse_meta_model(model, plan)
     tensors = checked_source(plan, source)
@@ -135,6 +129,16 @@ def migrate(
         on_unused=on_unused,
     )
     return apply_plan(plan, source), plan.report(frozen=[])  # a state_dict has no requires_grad
+
+
+def _refuse_complex_into_real(plan: Any) -> None:
+    targets = {t.target: t for t in plan.targets or ()}
+    for o in plan.outputs:
+        dst = targets[o.target].dtype or "" if o.target in targets else ""
+        if o.status == "loaded" and (o.dtype or "").startswith("complex") and "complex" not in dst:
+            raise LoadError(
+                f"{o.target}: cannot load a complex tensor ({o.dtype}) into {dst}", code="CKM403"
+            )
 
 
 def _refuse_meta_model(model: Any, plan: Any) -> None:
