@@ -259,6 +259,37 @@ class Builder:
     def merge(self, rule: Rule) -> None:
         template = rule.template
         outer = sorted({name for name, _ in template.refs})  # type: ignore[union-attr]
+        groups, captures = self._merge_groups(rule, outer)
+        if groups:
+            self.used.add(rule.id)
+        merged: dict[int, _Node] = {}  # id(first member) -> the merged node
+        gone: set[int] = set()
+        for key, group in groups.items():
+            name = template.render(captures[key])  # type: ignore[union-attr]
+            where = ", ".join(f"{{{c}}}={v}" for c, v in zip(outer, key, strict=True))
+            members = self._merge_members(rule, group, where)
+            if members is None:
+                self.failed_names.add(name)
+                continue
+            names = [m.name for m in members]
+            out = self._run(rule.ops[0], rule, [m.value for m in members], names)
+            value = out and self._chain(rule.ops[1:], rule, out[0], name)
+            if value is None:
+                _fail(members, "op", rule)
+                self.failed_names.add(name)
+                continue
+            rules = [*list(dict.fromkeys(r for m in members for r in m.rules)), rule.id]
+            sources = tuple(dict.fromkeys(s for m in members for s in m.sources))  # merge order
+            order = min(m.order for m in members)
+            merged[id(members[0])] = _Node(name, value, sources, rules, order)
+            gone.update(id(m) for m in members)
+        members_gone = [n for group in groups.values() for n in group.values() if id(n) in gone]
+        self._settle([], members_gone, list(merged.values()))
+
+    def _merge_groups(self, rule: Rule, outer: list[str]) -> tuple[dict, dict]:
+        """The keys a merge takes, grouped by the captures its target uses, each in its place
+        (a pattern's index, or the gathered capture's value); two keys in one place are a
+        problem."""
         groups: dict[tuple, dict[Any, _Node]] = {}
         captures: dict[tuple, dict[str, str]] = {}
         for n in sorted(self._candidates(rule), key=lambda n: n.order):
@@ -285,65 +316,33 @@ class Builder:
                 else:
                     group[slot] = n
                 break
-        if groups:
-            self.used.add(rule.id)
-        merged: dict[int, _Node] = {}  # id(first member) -> the merged node
-        gone: set[int] = set()
-        for key, group in groups.items():
-            where = ", ".join(f"{{{c}}}={v}" for c, v in zip(outer, key, strict=True))
-            if rule.gather:
-                order = sorted(group, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else s))
-                want = [str(i) for i in range(len(order))]
-                if order != want:
-                    _fail(group.values(), "merge", rule)
-                    self.failed_names.add(template.render(captures[key]))  # type: ignore[union-attr]
-                    self.problems.append(
-                        problem(
-                            "CKM307",
-                            "merge",
-                            f"{rule.where()}: {{{rule.gather}}} must run 0..{len(order) - 1} "
-                            f"{'for ' + where if where else ''}, found {', '.join(order)}",
-                            [group[s].name for s in order],
-                            [rule.id],
-                        )
-                    )
-                    continue
-                members = [group[s] for s in order]
-            else:
-                missing = [
-                    rule.node.patterns[k] for k in range(len(rule.matchers)) if k not in group
-                ]
-                if missing:
-                    _fail(group.values(), "merge", rule)
-                    self.failed_names.add(template.render(captures[key]))  # type: ignore[union-attr]
-                    names = ", ".join(p.to_text() for p in missing)
-                    self.problems.append(
-                        problem(
-                            "CKM307",
-                            "merge",
-                            f"{rule.where()}{' for ' + where if where else ''}: nothing matches {names} "
-                            f"(present: {', '.join(group[k].name for k in sorted(group))})",
-                            [group[k].name for k in sorted(group)],
-                            [rule.id],
-                        )
-                    )
-                    continue
-                members = [group[k] for k in range(len(rule.matchers))]
-            name = template.render(captures[key])  # type: ignore[union-attr]
-            names = [m.name for m in members]
-            out = self._run(rule.ops[0], rule, [m.value for m in members], names)
-            value = out and self._chain(rule.ops[1:], rule, out[0], name)
-            if value is None:
-                _fail(members, "op", rule)
-                self.failed_names.add(name)
-                continue
-            rules = [*list(dict.fromkeys(r for m in members for r in m.rules)), rule.id]
-            sources = tuple(dict.fromkeys(s for m in members for s in m.sources))  # merge order
-            order = min(m.order for m in members)
-            merged[id(members[0])] = _Node(name, value, sources, rules, order)
-            gone.update(id(m) for m in members)
-        members_gone = [n for group in groups.values() for n in group.values() if id(n) in gone]
-        self._settle([], members_gone, list(merged.values()))
+        return groups, captures
+
+    def _merge_members(self, rule: Rule, group: dict, where: str) -> list[_Node] | None:
+        """A group's members in merge order, or None (a problem said) when one is missing or
+        the gathered numbers do not run 0..n-1."""
+        if rule.gather:
+            order = sorted(group, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else s))
+            if order == [str(i) for i in range(len(order))]:
+                return [group[s] for s in order]
+            said = (
+                f"{rule.where()}: {{{rule.gather}}} must run 0..{len(order) - 1} "
+                f"{'for ' + where if where else ''}, found {', '.join(order)}"
+            )
+            keys = [group[s].name for s in order]
+        else:
+            missing = [rule.node.patterns[k] for k in range(len(rule.matchers)) if k not in group]  # type: ignore[attr-defined]
+            if not missing:
+                return [group[k] for k in range(len(rule.matchers))]
+            said = (
+                f"{rule.where()}{' for ' + where if where else ''}: nothing matches "
+                f"{', '.join(p.to_text() for p in missing)} "
+                f"(present: {', '.join(group[k].name for k in sorted(group))})"
+            )
+            keys = [group[k].name for k in sorted(group)]
+        _fail(group.values(), "merge", rule)
+        self.problems.append(problem("CKM307", "merge", said, keys, [rule.id]))
+        return None
 
     def split(self, rule: Rule) -> None:
         gone, new = [], []
