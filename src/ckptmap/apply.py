@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CkptmapError, LoadError, UsageError, summarize
+from .meta import TensorMeta, itemsize
+from .ops import make
 
 if TYPE_CHECKING:
     import torch
@@ -22,7 +24,9 @@ if TYPE_CHECKING:
 def opened(source: Any) -> Any:
     """A checkpoint path opened once, so planning and loading read one set of headers."""
     if isinstance(source, (str, Path)):
-        from .io import open_checkpoint
+        from .io import (
+            open_checkpoint,  # the readers load on first use: `import ckptmap` stays light
+        )
 
         return open_checkpoint(source)
     return source
@@ -116,8 +120,6 @@ class Evaluator:
         if value in self.leaf:
             self.memo[value] = self.fetch(self.leaf[value])
             return self.memo[value]
-        from .ops import make
-
         step = self.producer[value]
         gathered = self._gather(step)
         if gathered is not None:
@@ -467,8 +469,6 @@ def refuse_oversized(plan: Plan) -> None:
     import math
     import os
 
-    from .meta import itemsize
-
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -536,7 +536,6 @@ def write_plan(
     stored once and tied again when the output is read.
     """
     from .io.write import save_checkpoint
-    from .meta import TensorMeta
 
     plan.check()
     refuse_oversized(plan)

@@ -70,6 +70,7 @@ class Program:
         `source` and `target` may be a state_dict, a `{name: shape}` mapping, an
         `nn.Module` or a checkpoint path. Per-call policies override the rules'.
         """
+        # the readers and the planner load on first use: `import ckptmap` stays light
         from .io import describe
         from .resolve import _no_gc, build_plan
 

@@ -15,7 +15,9 @@ from .apply import (
     refuse_unloadable,
     stream_into,
 )
+from .compile import compile
 from .errors import LoadError, UsageError
+from .report import render_problems
 
 if TYPE_CHECKING:
     import torch
@@ -50,8 +52,7 @@ def load_into(
 
     import torch
 
-    from .compile import compile
-    from .io import Checkpoint
+    from .io import Checkpoint  # the readers load on first use: `import ckptmap` stays light
 
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"load_into loads into an nn.Module, not {type(model).__name__}")
@@ -76,8 +77,6 @@ def load_into(
     if not isinstance(source, Checkpoint):  # a file's tensors are not the model's
         tensors = _apart_from(model, tensors)
     if plan.warnings:  # said before anything is written: a warning made an error stops here
-        from .report import render_problems
-
         warnings.warn("ckptmap: " + "\n".join(render_problems(plan.warnings, plan)), stacklevel=2)
     stream_into(
         model,
@@ -117,8 +116,6 @@ def migrate(
 
         new_sd, report = ckptmap.migrate("old.safetensors", Path("v1_to_v2.ckmap"))
     """
-    from .compile import compile
-
     source = opened(source)
     plan = compile(rules).plan(
         source,

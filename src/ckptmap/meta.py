@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .errors import UsageError
+from .limits import check_keys
 
 
 class TensorMeta(NamedTuple):
@@ -65,8 +66,6 @@ def itemsize(dtype: str | None) -> int:
 
 
 def meta_of(mapping: Mapping[str, Any], role: str) -> dict[str, TensorMeta]:
-    from .limits import check_keys
-
     torch = sys.modules.get("torch")
     tensor = torch.Tensor if torch is not None else ()
     out: dict[str, TensorMeta] = {}

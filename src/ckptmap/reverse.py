@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from .errors import PlanError, summarize
 from .ops import Meta, make
+from .plan import OutputEntry, Plan, SourceEntry, Step, fingerprint_of, jsonable, problem
 
 if TYPE_CHECKING:
     from .plan import Plan, Problem
@@ -35,8 +36,6 @@ def invert(plan: Plan, allow_lossy: bool = False) -> Plan:
 def _inverse_steps(plan: Plan, allow_lossy: bool) -> tuple[list, set[int], list]:
     """Each step replaced by its inverse for the shapes it saw, last first; what cannot be
     inverted exactly is a lossy problem (and, with `allow_lossy`, its approximation)."""
-    from .plan import Step, jsonable, problem
-
     available = {o.value for o in plan.outputs if o.status == "loaded"}
     steps: list[Step] = []
     lossy: list[Problem] = []
@@ -90,8 +89,6 @@ def _inverse_steps(plan: Plan, allow_lossy: bool) -> tuple[list, set[int], list]
 def _lost_sources(plan: Plan, available: set[int], lossy: list, allow_lossy: bool) -> list:
     """The sources nothing brings back (skipped, replaced by init, not in the target...),
     except those a lossy step already names."""
-    from .plan import problem
-
     found = []
     lost = [e for e in plan.sources if e.value not in available]
     behind_lossy = {s for p in lossy for s in p.keys}
@@ -121,8 +118,6 @@ def _lost_sources(plan: Plan, available: set[int], lossy: list, allow_lossy: boo
 def _inverse_plan(plan: Plan, steps: list, available: set[int], lossy: list) -> Plan:
     """The inverted plan: the outputs become the sources, the sources that came back the
     outputs."""
-    from .plan import OutputEntry, Plan, SourceEntry, fingerprint_of
-
     loaded = [o for o in plan.outputs if o.status == "loaded"]
     restored = [e for e in plan.sources if e.value in available]
     feeds = {o.value: o.target for o in loaded}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import CkptmapError
+from .errors import CkptmapError, RuleSyntaxError
 
 _PACKAGE = Path(__file__).resolve().parent
 _CHECKOUT = _PACKAGE.parents[1]
@@ -40,8 +40,6 @@ def shipped_rules() -> dict[str, Path]:
 
 def shipped_rule_file(name: str) -> Path:
     """`ckptmap:NAME` (or NAME) -> the shipped rule file; a RuleSyntaxError naming the choices."""
-    from .errors import RuleSyntaxError
-
     bare = name.removeprefix(SHIPPED_PREFIX).removesuffix(".ckmap")
     rules = shipped_rules()
     if bare not in rules:

@@ -19,6 +19,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from pydantic import ValidationError
 
 from .errors import CkptmapError, RuleSyntaxError, Span, UsageError, line_of, source_lines
+from .limits import check_text_size
 from .rules import (
     ACTIONS,
     FORMS,
@@ -487,8 +488,7 @@ def load_rules(path: str | Path) -> Ruleset:
             code="CKM111",
             hint="use .ckmap, .yaml, .yml or .json",
         )
-    from .io import refuse_special
-    from .limits import check_text_size
+    from .io import refuse_special  # the readers load on first use: `import ckptmap` stays light
 
     refuse_special(path, RuleSyntaxError)
     check_text_size(path, RuleSyntaxError, "CKM112")

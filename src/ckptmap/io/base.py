@@ -7,6 +7,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..meta import Described
+
 if TYPE_CHECKING:
     import torch
 
@@ -64,8 +66,6 @@ class Checkpoint(ABC):
         return {}
 
     def describe(self) -> Described:
-        from ..meta import Described
-
         return Described(self.meta(), self.ties())
 
     def tensors(self) -> Mapping[str, torch.Tensor]:

@@ -21,13 +21,12 @@ from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import CheckpointError
 from ..limits import check_count, check_keys, limit
-from ..meta import CODES, DTYPES
+from ..meta import CODES, DTYPES, TensorMeta
 from .base import Checkpoint
 
 if TYPE_CHECKING:
     import torch
 
-    from ..meta import TensorMeta
 
 # safetensors dtype code -> (torch dtype name, bytes per element)
 ALIASES_KEY = "ckptmap.aliases"  # {name: stored name} for tensors stored once (tied)
@@ -238,8 +237,6 @@ class SafetensorsCheckpoint(Checkpoint):
         return {**aliases, **ours}
 
     def meta(self) -> dict[str, TensorMeta]:
-        from ..meta import TensorMeta
-
         out = {
             name: TensorMeta(tuple(info["shape"]), DTYPES[info["dtype"]][0])
             for name, info in self.header.items()

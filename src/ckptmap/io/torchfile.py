@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 from ..limits import check_keys
+from ..meta import TensorMeta, dtype_name, ties_of
 from .base import Checkpoint
 
 if TYPE_CHECKING:
@@ -70,13 +71,9 @@ class TorchCheckpoint(Checkpoint):
             raise CheckpointError(f"{self.path}: cannot load ({first})", code="CKM520") from None
 
     def meta(self) -> dict[str, TensorMeta]:
-        from ..meta import TensorMeta, dtype_name
-
         return {k: TensorMeta(tuple(t.shape), dtype_name(t.dtype)) for k, t in self.state.items()}
 
     def ties(self) -> dict[str, tuple[str, ...]]:
-        from ..meta import ties_of
-
         return ties_of(self.state)
 
     def get(self, name: str) -> torch.Tensor:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
+from ..version import __version__
 from . import safetensors as st
 
 if TYPE_CHECKING:
@@ -352,8 +353,6 @@ def provenance(
     rules_fingerprint: str, plan_fingerprint: str, sources: list[Path], hash_source: bool = False
 ) -> dict[str, str]:
     """What the output came from: ckptmap version, rules and plan fingerprints, source identity."""
-    from ..version import __version__
-
     identity = []
     for s in sources:
         entry: dict[str, object] = {"name": Path(s).name, "bytes": Path(s).stat().st_size}
