@@ -33,6 +33,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
+def ddp_checkpoint(tmp_path) -> Path:
+    """A ResNet(1000) saved from DataParallel (`module.` keys), as a safetensors file."""
+    import torch
+    from models import ResNet, wrapped
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path / "ddp.safetensors"
+    save_file(wrapped(ResNet(1000)), path)
+    return path
+
+
+@pytest.fixture
+def ddp_rules() -> str:
+    """The shipped DataParallel rule file (`strip "module."`), as a path string."""
+    return str(Path(__file__).resolve().parents[1] / "rules" / "ddp.ckmap")
+
+
+@pytest.fixture
 def golden():
     """Compare text with a file under tests/golden (UPDATE_GOLDEN=1 rewrites the file)."""
 

@@ -15,7 +15,14 @@ __all__ = [
     "ResNet",
     "StagedResNet",
     "WithBuffers",
+    "wrapped",
 ]
+
+
+def wrapped(model_or_state: nn.Module | dict, prefix: str = "module.") -> dict[str, torch.Tensor]:
+    """A state_dict as DataParallel / DDP (`module.`) or torch.compile (`_orig_mod.`) saves it."""
+    sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    return {f"{prefix}{k}": v for k, v in sd.items()}
 
 
 class StagedResNet(nn.Module):

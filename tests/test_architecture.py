@@ -98,3 +98,14 @@ def test_the_architecture_page_shows_the_import_graph():
     page = (ROOT / "docs" / "architecture.md").read_text()
     block = page.split("```text import-graph\n", 1)[1].split("```", 1)[0]
     assert block.splitlines() == graph_lines(), "\n".join(graph_lines())
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = []
+    for p in sorted(SRC.rglob("*.py")):
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = n.end_lineno - n.lineno + 1
+                if lines >= 80:
+                    long.append(f"{p.relative_to(SRC)}:{n.lineno} {n.name} ({lines} lines)")
+    assert not long, long

@@ -9,24 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import ResNet, wrapped
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import ckptmap
 from ckptmap.cli import app
-from ckptmap.demo import ResNet
 from ckptmap.shipped import shipped_file
 
 runner = CliRunner(env={"COLUMNS": "200"})
-
-
-@pytest.fixture
-def ddp_checkpoint(tmp_path) -> Path:
-    torch.manual_seed(0)
-    sd = {f"module.{k}": v for k, v in ResNet(1000).state_dict().items()}
-    path = tmp_path / "ddp.safetensors"
-    save_file(sd, path)
-    return path
 
 
 @pytest.fixture
@@ -190,7 +181,7 @@ def test_exit_status_of_a_real_process(tmp_path):
 def test_inspect_golden(tmp_path, golden):
 
     path = tmp_path / "resnet.safetensors"
-    save_file({f"module.{k}": v for k, v in ResNet(1000).state_dict().items()}, path)
+    save_file(wrapped(ResNet(1000)), path)
     result = runner.invoke(app, ["inspect", str(path)])
     assert result.exit_code == 0
     golden("cli_inspect.txt", result.output)

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import GPT2LMHead
+from models import GPT2LMHead, ResNet
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import ckptmap
 from ckptmap.cli import app
-from ckptmap.demo import ResNet
 from ckptmap.io import open_checkpoint
 
 runner = CliRunner(env={"COLUMNS": "200"})
@@ -59,11 +58,6 @@ def write_hf_sharded(
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def ddp_rules() -> str:
-    return str(Path(__file__).resolve().parents[1] / "rules" / "ddp.ckmap")
 
 
 # --- every format, end to end ---------------------------------------------------------------

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import GPT2LMHead
+from models import GPT2LMHead, ResNet
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
 from typer.testing import CliRunner
 
 import ckptmap
 from ckptmap.cli import app
-from ckptmap.demo import ResNet
 from ckptmap.plan import Plan
 
 runner = CliRunner(env={"COLUMNS": "200"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import GPT2LMHead, ResNet, StagedResNet, WithBuffers
+from models import GPT2LMHead, ResNet, StagedResNet, WithBuffers, wrapped
 from torch import nn
 
 import ckptmap
@@ -27,10 +27,6 @@ def assert_untouched(model: nn.Module, snap) -> None:
     assert grads == {n: p.requires_grad for n, p in model.named_parameters()}
 
 
-def ddp_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"module.{k}": v for k, v in model.state_dict().items()}
-
-
 @pytest.fixture
 def pretrained():
     torch.manual_seed(0)
@@ -41,7 +37,7 @@ def test_new_head_and_frozen_backbone(pretrained):
     model = ResNet(5).eval()
     fresh_fc = model.fc.weight.detach().clone()
     rules = 'strip "module."\ninit "fc"\nfreeze "**"\nunfreeze "fc"\n'
-    report = ckptmap.load_into(model, ddp_state_dict(pretrained), rules)
+    report = ckptmap.load_into(model, wrapped(pretrained), rules)
 
     for k, v in pretrained.state_dict().items():
         if not k.startswith("fc."):
@@ -49,7 +45,7 @@ def test_new_head_and_frozen_backbone(pretrained):
     assert torch.equal(model.fc.weight, fresh_fc)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["fc.weight", "fc.bias"]
-    assert report.accounts_for(ddp_state_dict(pretrained), model.state_dict())
+    assert report.accounts_for(wrapped(pretrained), model.state_dict())
     assert {e.source for e in report.skipped} == {"module.fc.weight", "module.fc.bias"}
     assert {e.target for e in report.initialized} == {"fc.weight", "fc.bias"}
     assert len(report.frozen) == len(list(model.parameters())) - 2
@@ -73,7 +69,7 @@ def test_failed_validation_leaves_the_model_untouched(pretrained):
         p.requires_grad_(False)
     snap = snapshot(model)
     with pytest.raises(ckptmap.PlanError) as info:
-        ckptmap.load_into(model, ddp_state_dict(pretrained), 'strip "module."\nfreeze "**"')
+        ckptmap.load_into(model, wrapped(pretrained), 'strip "module."\nfreeze "**"')
     assert info.value.code == "CKM302"
     assert "fc.weight" in info.value.render()
     assert "[1000, 64]" in info.value.render()
@@ -81,7 +77,7 @@ def test_failed_validation_leaves_the_model_untouched(pretrained):
 
 
 def test_every_problem_reported_at_once(pretrained):
-    sd = ddp_state_dict(pretrained)
+    sd = wrapped(pretrained)
     sd["module.extra.weight"] = torch.zeros(1)
     del sd["module.layer2.0.conv1.weight"]
     model = ResNet(5)
@@ -183,7 +179,7 @@ def test_policy_overrides_per_call(pretrained):
 
 
 def test_plan_apply_does_not_copy(pretrained):
-    sd = ddp_state_dict(pretrained)
+    sd = wrapped(pretrained)
     plan = ckptmap.compile('strip "module."').plan(sd)
     out = plan.apply(sd)
     assert out.keys() == pretrained.state_dict().keys()
@@ -202,7 +198,7 @@ def test_apply_refuses_a_source_the_plan_was_not_made_for(pretrained):
 
 
 def test_migrate_returns_state_dict_and_report(pretrained):
-    sd = ddp_state_dict(pretrained)
+    sd = wrapped(pretrained)
     new, report = ckptmap.migrate(sd, 'strip "module."\nskip "fc"')
     assert "fc.weight" not in new and "conv1.weight" in new
     assert [e.source for e in report.skipped] == ["module.fc.bias", "module.fc.weight"]
@@ -222,12 +218,12 @@ def test_plan_accepts_shapes_modules_and_meta_models():
 
 
 def test_plan_is_json_and_fingerprinted(pretrained):
-    plan = ckptmap.compile('strip "module."\ninit "fc"').plan(ddp_state_dict(pretrained), ResNet(5))
+    plan = ckptmap.compile('strip "module."\ninit "fc"').plan(wrapped(pretrained), ResNet(5))
     again = ckptmap.Plan.model_validate_json(plan.to_json())
     assert again == plan
     assert plan.fingerprint.startswith("sha256:")
     other = ckptmap.compile('strip "module."\ninit "fc"\non missing warn').plan(
-        ddp_state_dict(pretrained), ResNet(5)
+        wrapped(pretrained), ResNet(5)
     )
     assert other.fingerprint != plan.fingerprint
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from models import ResNet
+from models import ResNet, wrapped
 
 import ckptmap
 from ckptmap.report import collapse_keys, format_numbers
@@ -20,7 +20,7 @@ unfreeze "layer4"
 
 @pytest.fixture
 def plan():
-    source = {f"module.{k}": tuple(v.shape) for k, v in ResNet(1000).state_dict().items()}
+    source = {k: tuple(v.shape) for k, v in wrapped(ResNet(1000)).items()}
     return ckptmap.compile(RULES).plan(source, ResNet(5), on_missing="warn")
 
 

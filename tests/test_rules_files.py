@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import HFLlama, MyLlama
+from models import HFLlama, MyLlama, ResNet, wrapped
 
 import ckptmap
-from ckptmap.demo import ResNet
 from ckptmap.syntax import format_text
 
 RULES = Path(__file__).resolve().parents[1] / "rules"
@@ -63,7 +62,7 @@ def test_wrappers_in_any_order(prefix):
 
 
 def test_resnet_new_head():
-    sd = {f"_orig_mod.module.{k}": v for k, v in ResNet(1000).state_dict().items()}
+    sd = wrapped(ResNet(1000), "_orig_mod.module.")
     model = ResNet(7)
     ckptmap.load_into(model, sd, RULES / "resnet-new-head.ckmap")
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]

@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import HFGPT2, GQAModel, LinearGPT2, MoE, TinyViT
+from models import HFGPT2, GQAModel, LinearGPT2, MoE, ResNet, TinyViT
 
 import ckptmap
-from ckptmap.demo import ResNet
 from ckptmap.plan import TensorMeta
 
 RULES = Path(__file__).resolve().parents[1] / "rules"

@@ -546,12 +546,13 @@ def write_plan(
     aliases = _aliases(loaded, by_value, checkpoint.ties(), meta)
     value_of = {o.target: o.value for o in loaded}
     # a renamed tensor going to safetensors is copied byte for byte, never decoded
-    raw = {}
+    raw: dict[str, RawBytes] = {}
     if Path(out).suffix == ".safetensors" or max_shard_size is not None:
         for o in loaded:
             if o.value in by_value and o.target not in aliases:
-                raw[o.target] = checkpoint.raw(by_value[o.value])
-        raw = {k: v for k, v in raw.items() if v is not None}
+                piece = checkpoint.raw(by_value[o.value])
+                if piece is not None:
+                    raw[o.target] = piece
     computed = [o.value for o in loaded if o.target not in aliases and o.target not in raw]
     evaluator = Evaluator(plan, checkpoint.get, computed, checkpoint.done, checkpoint.raw)
     items = [
@@ -609,7 +610,7 @@ def _aliases(loaded: list, by_value: dict, ties: dict, meta: dict) -> dict[str, 
     renamed = {by_value[o.value]: o.target for o in loaded if o.value in by_value}
     aliases = {}
     for source, target in renamed.items():
-        group = sorted((s for s in ties.get(source, ()) if s in renamed), key=order.get)
+        group = sorted((s for s in ties.get(source, ()) if s in renamed), key=order.__getitem__)
         if group and renamed[group[0]] != target:
             aliases[target] = renamed[group[0]]
     return aliases

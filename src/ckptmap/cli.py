@@ -61,6 +61,20 @@ StrictOpt = Annotated[
         help="Rules that match nothing are errors, whatever the files' `on unused` says.",
     ),
 ]
+OutOpt = Annotated[
+    Path, typer.Option("--out", "-o", help="Where to write: a .safetensors or .pt file.")
+]
+ShardSizeOpt = Annotated[
+    str | None,
+    typer.Option(help="Write a sharded folder (--out) with shards of at most this (5GB)."),
+]
+HashSourceOpt = Annotated[
+    bool, typer.Option(help="Record the source files' sha256 in the output's metadata.")
+]
+ReportOpt = Annotated[Path | None, typer.Option(help="Also write the report as JSON.")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace --out and --report if they exist.")
+]
 
 
 class _Console(Console):
@@ -428,12 +442,12 @@ def print_plan(console: Console, the_plan: Plan) -> None:
         lines = [(p, shape) for shape, names in by_shape.items() for p, _ in collapse_keys(names)]
         for line, shape in sorted(lines):
             console.print(f"  {line}  {shape}", markup=False)
-    counts = defaultdict(int)
+    counts: dict[str, int] = defaultdict(int)
     for e in the_plan.sources:
         counts[e.status] += 1
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     if the_plan.targets is not None:
-        tcounts = defaultdict(int)
+        tcounts: dict[str, int] = defaultdict(int)
         for t in the_plan.targets:
             tcounts[t.status] += 1
         summary += "; target: " + ", ".join(f"{n} {k}" for k, n in sorted(tcounts.items()))
@@ -457,22 +471,13 @@ def apply(
         typer.Argument(help="Rule files (.ckmap/.yaml/.json, or ckptmap:NAME), in order."),
     ] = None,
     source: SourceOpt = ...,  # type: ignore[assignment]
-    out_path: Annotated[
-        Path, typer.Option("--out", "-o", help="Where to write: a .safetensors or .pt file.")
-    ] = ...,  # type: ignore[assignment]
+    out_path: OutOpt = ...,  # type: ignore[assignment]
     target: TargetOpt = None,
     select: SelectOpt = None,
-    max_shard_size: Annotated[
-        str | None,
-        typer.Option(help="Write a sharded folder (--out) with shards of at most this (5GB)."),
-    ] = None,
-    hash_source: Annotated[
-        bool, typer.Option(help="Record the source files' sha256 in the output's metadata.")
-    ] = False,
-    report: Annotated[Path | None, typer.Option(help="Also write the report as JSON.")] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace --out and --report if they exist.")
-    ] = False,
+    max_shard_size: ShardSizeOpt = None,
+    hash_source: HashSourceOpt = False,
+    report: ReportOpt = None,
+    overwrite: OverwriteOpt = False,
     strict: StrictOpt = False,
     reverse: Annotated[
         bool,
@@ -505,52 +510,82 @@ def apply(
     header (or read from --plan) and inverted entry by entry.
     """
 
-    def body() -> None:
-        from .io import open_checkpoint
-        from .io.write import (
-            check_destination,
-            check_text_destination,
-            parse_size,
-            provenance,
-            refuse_clobbering,
-            write_text_atomically,
+    _run(
+        lambda: _apply(
+            rules,
+            source,
+            out_path,
+            target,
+            select,
+            max_shard_size,
+            hash_source,
+            report,
+            overwrite,
+            strict,
+            reverse,
+            original,
+            saved_plan,
+            allow_lossy,
         )
+    )
 
-        shard_size = parse_size(max_shard_size) if max_shard_size else None
-        _check_apply_options(
-            rules, saved_plan, target, strict, original, select, allow_lossy, reverse
-        )
-        ckpt = open_checkpoint(source, select)
-        program = None
-        if saved_plan is None:
-            from .compile import compile
 
-            program = compile(list(rules or ()))
-        the_target = None if reverse else _target(target)
-        reads = _apply_reads(ckpt, program, saved_plan, target, the_target, original)
-        refuse_clobbering([("--out", out_path), ("--report", report)], reads)
-        check_destination(out_path, sharded=shard_size is not None, overwrite=overwrite)
-        if report is not None:
-            check_text_destination(report, overwrite)
-        the_plan, rules_fingerprint, said = _apply_plan(
-            ckpt, program, saved_plan, the_target, reverse, original, strict, allow_lossy
-        )
-        metadata = provenance(rules_fingerprint, the_plan.fingerprint, ckpt.files, hash_source)
-        written, total = _write_with_progress(
-            the_plan, ckpt, out_path, metadata, shard_size, overwrite
-        )
-        the_report = the_plan.report(frozen=[])  # a file has no requires_grad
-        if report is not None:
-            write_text_atomically(report, the_report.model_dump_json(indent=2) + "\n")
-        console = out()  # printed once every file is written: a reader that goes away
-        for line in said:  # (`| head`) must not stop the writing
-            console.print(line, markup=False)
-        console.print(str(the_report), markup=False)
-        console.print(
-            f"wrote {out_path} ({len(written)} file{'s' * (len(written) != 1)}, {_human(total)})"
-        )
+def _apply(
+    rules,
+    source,
+    out_path,
+    target,
+    select,
+    max_shard_size,
+    hash_source,
+    report,
+    overwrite,
+    strict,
+    reverse,
+    original,
+    saved_plan,
+    allow_lossy,
+) -> None:
+    """`apply`, once typer has read the options."""
+    from .io import open_checkpoint
+    from .io.write import (
+        check_destination,
+        check_text_destination,
+        parse_size,
+        provenance,
+        refuse_clobbering,
+        write_text_atomically,
+    )
 
-    _run(body)
+    shard_size = parse_size(max_shard_size) if max_shard_size else None
+    _check_apply_options(rules, saved_plan, target, strict, original, select, allow_lossy, reverse)
+    ckpt = open_checkpoint(source, select)
+    program = None
+    if saved_plan is None:
+        from .compile import compile
+
+        program = compile(list(rules or ()))
+    the_target = None if reverse else _target(target)
+    reads = _apply_reads(ckpt, program, saved_plan, target, the_target, original)
+    refuse_clobbering([("--out", out_path), ("--report", report)], reads)
+    check_destination(out_path, sharded=shard_size is not None, overwrite=overwrite)
+    if report is not None:
+        check_text_destination(report, overwrite)
+    the_plan, rules_fingerprint, said = _apply_plan(
+        ckpt, program, saved_plan, the_target, reverse, original, strict, allow_lossy
+    )
+    metadata = provenance(rules_fingerprint, the_plan.fingerprint, ckpt.files, hash_source)
+    written, total = _write_with_progress(the_plan, ckpt, out_path, metadata, shard_size, overwrite)
+    the_report = the_plan.report(frozen=[])  # a file has no requires_grad
+    if report is not None:
+        write_text_atomically(report, the_report.model_dump_json(indent=2) + "\n")
+    console = out()  # printed once every file is written: a reader that goes away
+    for line in said:  # (`| head`) must not stop the writing
+        console.print(line, markup=False)
+    console.print(str(the_report), markup=False)
+    console.print(
+        f"wrote {out_path} ({len(written)} file{'s' * (len(written) != 1)}, {_human(total)})"
+    )
 
 
 def _check_apply_options(
@@ -837,4 +872,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

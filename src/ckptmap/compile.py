@@ -169,16 +169,16 @@ def compile(rules: Any) -> Program:
     if isinstance(rules, Program):
         return rules
     if isinstance(rules, (list, tuple)):  # several rule sources, applied in order
-        statements, files = [], []
+        nodes: list[Statement] = []
+        read: list[Path] = []
         for part in rules:
             program = compile(part)
-            statements += [(r.node, None) for r in program.rules]
-            files += program.files
-        merged = Ruleset(rules=tuple(s for s, _ in statements))
+            nodes += [r.node for r in program.rules]
+            read += program.files
         return Program(
-            merged,
-            tuple(compile_rule(i, s) for i, (s, _) in enumerate(statements)),
-            tuple(dict.fromkeys(files)),
+            Ruleset(rules=tuple(nodes)),
+            tuple(compile_rule(i, s) for i, s in enumerate(nodes)),
+            tuple(dict.fromkeys(read)),
         )
     if isinstance(rules, Path):
         rules = load_rules(rules)

@@ -5,6 +5,7 @@ it depends on neither.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import defaultdict
 from collections.abc import Mapping
@@ -20,6 +21,10 @@ class TensorMeta(NamedTuple):
 
     shape: tuple[int, ...]
     dtype: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
 
 
 @dataclass

@@ -35,7 +35,7 @@ def _repeat_copies(text: str) -> int:
     try:
         import re._parser as sre  # type: ignore[import-not-found]
     except ImportError:  # Python 3.10
-        import sre_parse as sre  # type: ignore[no-redef]
+        import sre_parse as sre
 
     repeats = {
         getattr(sre, n)
@@ -94,6 +94,7 @@ class Matcher:
         self.text = text
         self.is_regex = regex
         self._segments: list[_Segment | None] | None = None
+        self._regex: Any  # `re` for string patterns, the `regex` engine for user regexes
         if regex:
             # the `regex` engine, not `re`: it can give up after a time budget (a regex from a
             # shared rule file meets key names from a downloaded file)
@@ -116,7 +117,8 @@ class Matcher:
                 raise PatternError(f"invalid regex: {e.msg}", e.pos or 0, "CKM201") from None
             except engine.error as e:
                 message = str(e).split(" at position")[0]
-                raise PatternError(f"invalid regex: {message}", e.pos or 0, "CKM201") from None
+                at = getattr(e, "pos", None) or 0  # the engine has it; its type stubs do not
+                raise PatternError(f"invalid regex: {message}", at, "CKM201") from None
             except (RecursionError, OverflowError, ValueError, MemoryError) as e:
                 why = "nests too deeply" if isinstance(e, RecursionError) else str(e)
                 raise PatternError(f"invalid regex: {why}", 0, "CKM201") from None
@@ -149,10 +151,10 @@ class Matcher:
             found = self.spans(key)
             if found is None:
                 return None
-            spans, rest = found
+            spans, tail = found
             return Match(
                 {name: key[a:b] for name, (a, b) in spans.items()},
-                key[rest[0] : rest[1]] if rest else "",
+                key[tail[0] : tail[1]] if tail else "",
             )
         m = self._regex.fullmatch("." + key)
         if m is None:
@@ -299,7 +301,10 @@ def _segments_of(text: str) -> list[_Segment | None]:
         if segment == "**":
             out.append(None)
             continue
-        literals, holes, current, i = [], [], [], 0
+        literals: list[str] = []
+        holes: list[tuple[str | None, int]] = []
+        current: list[str] = []
+        i = 0
         while i < len(segment):
             pair = segment[i : i + 2]
             if pair in ("{{", "}}"):

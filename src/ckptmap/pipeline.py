@@ -8,6 +8,7 @@ match. Ops are inferred on shapes (never run); a problem is recorded, never rais
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .meta import Described
 from .ops import Meta, Op, OpError
 from .patterns import SKIP, digit_template
-from .plan import Problem, Step, Value, jsonable, problem
+from .plan import Problem, Step, Value, Why, jsonable, problem
 from .rules import arg_text
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ class _Node:
     rules: list[int]
     order: tuple[int, ...] = ()  # where it stands in the output: source index, then piece
     template: str | None = None  # its name with every digit as '#': its bucket
-    failed: str | None = None  # the kind of problem that stopped it (op, merge, split)
+    failed: Why | None = None  # the kind of problem that stopped it (op, merge, split)
 
 
 def _cook(parts: list, keys: list[str]) -> list[str]:
@@ -78,9 +79,11 @@ class Builder:
                 out.extend(nodes)
         return out
 
-    def _settle(self, changed: list[_Node], gone: list[_Node] = (), new: list[_Node] = ()) -> None:
+    def _settle(
+        self, changed: list[_Node], gone: Sequence[_Node] = (), new: Sequence[_Node] = ()
+    ) -> None:
         """Move renamed nodes to their templates' buckets; drop gone ones; add new ones."""
-        touched = set()
+        touched: set[Any] = set()  # templates; a node's is None only once it has gone
         for n in changed:
             template = digit_template(n.name)
             if template != n.template:
@@ -220,7 +223,7 @@ class Builder:
     def _rename_buckets(self, rule: Rule) -> None:
         """A rule whose pattern has no digits treats a bucket as one key: it matches all of
         it or none, at the same places, so one match gives every key's new name by slicing."""
-        moves = []
+        moves: list[tuple[str, str | None, list[_Node]]] = []
         for template, nodes in list(self.buckets.items()):
             recipe = rule.recipe(template)
             if recipe is None:
@@ -273,7 +276,7 @@ class Builder:
                 continue
             names = [m.name for m in members]
             out = self._run(rule.ops[0], rule, [m.value for m in members], names)
-            value = out and self._chain(rule.ops[1:], rule, out[0], name)
+            value = self._chain(rule.ops[1:], rule, out[0], name) if out else None
             if value is None:
                 _fail(members, "op", rule)
                 self.failed_names.add(name)

@@ -68,6 +68,11 @@ class Step:
     rule: int
 
 
+# what became of a source tensor, or of a tensor the plan makes, and why (when not loaded)
+Fate = Literal["loaded", "skipped", "unexpected", "failed"]
+Why = Literal["skip", "init", "mismatch", "op", "merge", "split", "name", "conflict"]
+
+
 @dataclass(slots=True, kw_only=True)
 class SourceEntry:
     """What one source tensor becomes."""
@@ -77,10 +82,8 @@ class SourceEntry:
     target: str  # the name it ends under (merged: the merged tensor; split: the first piece)
     shape: list[int]
     dtype: str | None = None
-    status: Literal["loaded", "skipped", "unexpected", "failed"]
-    reason: (
-        Literal["skip", "init", "mismatch", "op", "merge", "split", "name", "conflict"] | None
-    ) = None
+    status: Fate
+    reason: Why | None = None
     rules: list[int] = field(default_factory=list)  # the rules that matched this key, in order
 
 
@@ -94,7 +97,7 @@ class OutputEntry:
     dtype: str | None = None
     sources: list[str]
     # failed: a problem of the plan stops it (an op that does not fit, two sources on one name)
-    status: Literal["loaded", "skipped", "unexpected", "failed"]
+    status: Fate
     reason: Literal["init", "mismatch", "op", "merge", "split", "name", "conflict"] | None = None
     rules: list[int] = field(default_factory=list)
 
@@ -310,7 +313,7 @@ def fingerprint_of(plan: Plan) -> str:
 
 
 def problem(code, kind, message, keys, rules, action: str = "error") -> Problem:
-    severity = "warning" if action == "warn" else "error"
+    severity: Literal["error", "warning"] = "warning" if action == "warn" else "error"
     return Problem(
         code=code, kind=kind, severity=severity, message=message, keys=keys, rules=list(rules)
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -292,16 +292,16 @@ def collapse_keys(keys: Iterable[str]) -> list[tuple[str, int]]:
     """
     groups: dict[tuple, list[tuple[int, ...]]] = {}
     for key in keys:
-        template: list = []
+        parts: list[Any] = []
         numbers: list[int] = []
         for seg in key.split("."):
             m = _NUMBERED.fullmatch(seg)
             if m:
-                template.append((m.group(1),))
+                parts.append((m.group(1),))
                 numbers.append(int(m.group(2)))
             else:
-                template.append(seg)
-        groups.setdefault(tuple(template), []).append(tuple(numbers))
+                parts.append(seg)
+        groups.setdefault(tuple(parts), []).append(tuple(numbers))
     out = []
     for template, vectors in groups.items():
         classes = _linked_positions(vectors)
@@ -340,7 +340,7 @@ def _linked_positions(vectors: list[tuple[int, ...]]) -> list[list[int]]:
     width = len(vectors[0]) if vectors else 0
     classes = [list(range(width))] if width else []
     for vec in vectors:
-        refined = []
+        refined: list[list[int]] = []
         for cls in classes:
             by_value: dict[int, list[int]] = {}
             for p in cls:
@@ -398,8 +398,7 @@ def render_problems(
             lines.append(f"{kind} (on {kind} {policy}): {len(keys)} {what}:")
             lines.extend(f"  {k}" for k in summarize(_collapsed(keys), limit))
         else:
-            for p in summarize([p.message for p in group], limit):
-                lines.append(p)
+            lines.extend(summarize([p.message for p in group], limit))
     return lines
 
 

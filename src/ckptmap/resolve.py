@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .meta import Described
 from .pipeline import Builder
 from .plan import (
+    Fate,
     OutputEntry,
     Plan,
     Problem,
@@ -24,6 +25,7 @@ from .plan import (
     SourceEntry,
     TargetEntry,
     Trainable,
+    Why,
     fingerprint_of,
     problem,
 )
@@ -123,7 +125,9 @@ def _outputs(program: Program, builder: Builder, live: list) -> list[OutputEntry
                     n.rules,
                 )
             )
-        status, reason, rules = "loaded", None, list(n.rules)
+        status: Fate = "loaded"
+        reason: Any = None  # a failed node's kind of problem, or init
+        rules = list(n.rules)
         init = _first_match(inits, name) if inits else None
         if failed is not None:
             status, reason = "failed", failed
@@ -204,9 +208,9 @@ def _source_entries(
     """Each source's fate, from the tensors it ended in: loaded wins, then unexpected, then
     the first."""
     rank = {"failed": -1, "loaded": 0, "unexpected": 1}
-    fates: dict[str, tuple[int, str, str | None, str, list[int]]] = {}
+    fates: dict[str, tuple[int, Fate, Why | None, str, list[int]]] = {}
 
-    def offer(key: str, status: str, reason: str | None, name: str, rules: list[int]) -> None:
+    def offer(key: str, status: Fate, reason: Why | None, name: str, rules: list[int]) -> None:
         r = rank.get(status, 2)
         held = fates.get(key)
         if held is None or r < held[0]:

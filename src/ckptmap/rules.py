@@ -40,7 +40,12 @@ _NOT_COMPARED = frozenset({"span", "file", "text"})
 
 
 class Node(BaseModel):
-    """Base of every IR node: immutable, positional arguments allowed, span-blind equality."""
+    """Base of every IR node: immutable, positional arguments allowed, span-blind equality.
+
+    Each concrete node repeats `__init__ = Node.__init__`: type checkers give
+    every pydantic model a keyword-only constructor of its own unless the class
+    names its `__init__`, and the nodes take their leading fields positionally.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     _positional: ClassVar[tuple[str, ...]] = ()
@@ -66,7 +71,7 @@ class Node(BaseModel):
         )
 
     def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self._key() == other._key()  # type: ignore[attr-defined]
+        return type(self) is type(other) and self._key() == other._key()
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, self._key()))
@@ -87,6 +92,8 @@ def invalid_node(cls: type, e: ValidationError) -> RuleSyntaxError:
 
 class Pattern(Node):
     """A key pattern: a string pattern (segments, `*`, `**`, `{name}`) or a `/regex/`."""
+
+    __init__ = Node.__init__  # positional arguments: see Node
 
     _positional = ("text", "regex")
 
@@ -133,6 +140,8 @@ class Statement(Node):
     `optional strip "module."`, or `optional: true` beside the statement in YAML.
     """
 
+    __init__ = Node.__init__  # positional arguments: see Node
+
     keyword: ClassVar[str]
     optionable: ClassVar[bool] = True  # whether `optional` makes sense for this statement
 
@@ -161,7 +170,7 @@ class Statement(Node):
 class _LiteralStatement(Statement):
     """`strip "module."`, `prefix "encoder."`: a literal string at the start of the key."""
 
-    _positional = ("prefix",)
+    _positional: ClassVar[tuple[str, ...]] = ("prefix",)
     prefix: str
 
     @field_validator("prefix")
@@ -181,18 +190,22 @@ class _LiteralStatement(Statement):
 class Strip(_LiteralStatement):
     """Remove `prefix` from a key that starts with it (`strip "module."`)."""
 
+    __init__ = Node.__init__  # positional arguments: see Node
+
     keyword = "strip"
 
 
 class Prefix(_LiteralStatement):
     """Prepend `prefix` to every key (`prefix "encoder."`)."""
 
+    __init__ = Node.__init__  # positional arguments: see Node
+
     keyword = "prefix"
     optionable = False
 
 
 class _PatternStatement(Statement):
-    _positional = ("pattern",)
+    _positional: ClassVar[tuple[str, ...]] = ("pattern",)
     pattern: Pattern
 
     @field_validator("pattern", mode="before")
@@ -210,6 +223,8 @@ class _PatternStatement(Statement):
 class Rename(_PatternStatement):
     """`rename "features" -> "backbone"`; with a regex, `target` is the whole new key."""
 
+    __init__ = Node.__init__  # positional arguments: see Node
+
     keyword = "rename"
     _positional = ("pattern", "target")
     target: str
@@ -224,11 +239,15 @@ class Rename(_PatternStatement):
 class Skip(_PatternStatement):
     """Drop matching source keys (pipeline statement)."""
 
+    __init__ = Node.__init__  # positional arguments: see Node
+
     keyword = "skip"
 
 
 class Init(_PatternStatement):
     """Matching target keys keep their fresh initialization; sources mapped there are skipped."""
+
+    __init__ = Node.__init__  # positional arguments: see Node
 
     keyword = "init"
 
@@ -236,11 +255,15 @@ class Init(_PatternStatement):
 class Freeze(_PatternStatement):
     """Matching target parameters get `requires_grad=False` (last freeze/unfreeze wins)."""
 
+    __init__ = Node.__init__  # positional arguments: see Node
+
     keyword = "freeze"
 
 
 class Unfreeze(_PatternStatement):
     """Matching target parameters get `requires_grad=True` (last freeze/unfreeze wins)."""
+
+    __init__ = Node.__init__  # positional arguments: see Node
 
     keyword = "unfreeze"
 
@@ -269,6 +292,8 @@ def _op_arg(value: Any) -> Any:
 
 class OpCall(Node):
     """One tensor op in a chain: `transpose(0, 1)`, `split([4096, 1024, 1024], 0)`."""
+
+    __init__ = Node.__init__  # positional arguments: see Node
 
     _positional = ("name", "args")
     name: str
@@ -321,6 +346,8 @@ class _OpsStatement(Statement):
 class Transform(_OpsStatement, _PatternStatement):
     """`transform "blocks.*.attn.qkv.weight" | transpose(0, 1)`: one-to-one ops on matching keys."""
 
+    __init__ = Node.__init__  # positional arguments: see Node
+
     keyword = "transform"
     _positional = ("pattern", "ops")
 
@@ -335,6 +362,8 @@ class Transform(_OpsStatement, _PatternStatement):
 
 class Merge(_OpsStatement):
     """`merge "a.{i}.q", "a.{i}.k" -> "a.{i}.qk" | cat(0)`: several tensors become one."""
+
+    __init__ = Node.__init__  # positional arguments: see Node
 
     keyword = "merge"
     _positional = ("patterns", "target", "ops")
@@ -369,6 +398,8 @@ class Merge(_OpsStatement):
 
 class Split(_OpsStatement, _PatternStatement):
     """`split "a.qkv" -> "a.q", "a.k", "a.v" | split([8, 4, 4], 0)`: one tensor becomes several."""
+
+    __init__ = Node.__init__  # positional arguments: see Node
 
     keyword = "split"
     _positional = ("pattern", "targets", "ops")
@@ -409,6 +440,8 @@ MissingAction = Literal["error", "warn", "ignore"]
 class Policy(Statement):
     """`on missing warn`: what a problem of a kind does (error by default)."""
 
+    __init__ = Node.__init__  # positional arguments: see Node
+
     keyword = "on"
     optionable = False
     _positional = ("problem", "action")
@@ -432,6 +465,8 @@ class Policy(Statement):
 
 class Include(Statement):
     """Splice another rule file here; `path` is relative to the including file."""
+
+    __init__ = Node.__init__  # positional arguments: see Node
 
     keyword = "include"
     optionable = False
@@ -471,6 +506,8 @@ STATEMENTS: dict[str, type[Statement]] = {cls.keyword: cls for cls in get_args(A
 
 class Ruleset(Node):
     """An ordered list of statements, as written in one file (includes not yet spliced)."""
+
+    __init__ = Node.__init__  # positional arguments: see Node
 
     _positional = ("rules",)
     version: int = LANGUAGE_VERSION

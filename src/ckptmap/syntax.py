@@ -229,12 +229,13 @@ class _ToIR(Transformer):
             if ch == "\\":
                 esc = body[i + 1]
                 if esc not in UNESCAPES:
-                    bad = Span(file=self.file, line=token.line, column=token.column + 1 + i)
+                    line, column = token.line or 1, token.column or 1  # a parsed token has both
+                    bad = Span(file=self.file, line=line, column=column + 1 + i)
                     raise RuleSyntaxError(
                         f"unknown escape '\\{esc}' in a string",
                         code="CKM107",
                         span=bad,
-                        line_text=line_of(self.text, token.line),
+                        line_text=line_of(self.text, line),
                         hint='strings know \\" \\\\ \\n \\t \\r',
                     )
                 out.append(UNESCAPES[esc])
@@ -388,7 +389,9 @@ def parse_yaml(text: str, path: str | Path | None = None) -> Ruleset:
         mark = node.start_mark if isinstance(node, yaml.Node) else node
         return Span(file=file, line=mark.line + 1, column=mark.column + 1)
 
-    def error(code: str, message: str, at: yaml.Node | yaml.Mark, hint: str | None = None):
+    def error(code: str, message: str, at: yaml.Node | yaml.Mark | None, hint: str | None = None):
+        if at is None:  # PyYAML gives a mark with every error it raises; this is a safety net
+            return RuleSyntaxError(message, code=code, hint=hint)
         span = span_of(at)
         return RuleSyntaxError(
             message, code=code, span=span, line_text=line_of(text, span.line), hint=hint
@@ -412,7 +415,7 @@ def parse_yaml(text: str, path: str | Path | None = None) -> Ruleset:
         if loader is not None:
             loader.dispose()
 
-    if data is None:
+    if root is None or data is None:
         return Ruleset(file=file)
     if not isinstance(data, dict):
         raise error(
@@ -518,7 +521,7 @@ def format_text(text: str, path: str | Path | None = None) -> str:
     `ckptmap 1` comes first.
     """
     ruleset = parse(text, path)
-    by_line = {rule.span.line: rule for rule in ruleset.rules if rule.span}
+    by_line = {rule.span.line: (rule, rule.span) for rule in ruleset.rules if rule.span}
     lines = source_lines(text)
     first = min(by_line, default=len(lines) + 1)
     header = next((n for n, ln in enumerate(lines[: first - 1], 1) if _HEADER.match(ln)), 0)
@@ -533,8 +536,9 @@ def format_text(text: str, path: str | Path | None = None) -> str:
             if number == header:
                 continue
         if number in by_line:
-            rule = by_line[number]
-            comment = line[rule.span.end_column - 1 :].strip()
+            rule, span = by_line[number]
+            end = span.end_column or len(line) + 1  # parsed statements always have it
+            comment = line[end - 1 :].strip()
             out.append(rule.to_text() + (f"  {comment}" if comment else ""))
         elif stripped.startswith("#"):
             out.append(stripped)

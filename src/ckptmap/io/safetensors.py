@@ -300,7 +300,7 @@ class RawBytes(NamedTuple):
             raise CheckpointError(
                 f"{self.path}: {self.length} bytes for a {dst.numel()}-byte tensor", code="CKM534"
             )
-        view = memoryview(dst.numpy())
+        view = dst.numpy().data
         pieces = _pieces(self.length, torch.get_num_threads())
         if len(pieces) == 1:
             self._read(view, 0, self.length)
@@ -363,7 +363,7 @@ class RawBytes(NamedTuple):
 def write(
     f: IO[bytes],
     items: Iterable[tuple[str, TensorMeta]],
-    fetch: Callable[[str], torch.Tensor],
+    fetch: Callable[[str], torch.Tensor | RawBytes],
     metadata: dict[str, str],
     on_bytes: Callable[[int], None] | None = None,
 ) -> None:
@@ -373,23 +373,7 @@ def write(
     tensor when its turn comes, and it is released right after it is written.
     """
     items = list(items)
-    entries: dict[str, Any] = {}
-    offset = 0
-    for name, m in items:
-        if m.dtype not in CODES:
-            raise CheckpointError(
-                f"{name}: dtype {m.dtype} cannot be stored in safetensors", code="CKM533"
-            )
-        size = math.prod(m.shape) * DTYPES[CODES[m.dtype]][1]
-        entries[name] = {
-            "dtype": CODES[m.dtype],
-            "shape": list(m.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    # the header lists names in order whatever order the bytes are stored in
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    header.update(sorted(entries.items()))
+    header = _header(items, metadata)
     # The first tensor is fetched before the header is written: when its bytes are copied
     # as they are, the header is padded so that they keep their place within a 4 KiB block
     # (copies between aligned ranges can share the blocks on XFS and btrfs, like `cp`).
@@ -429,18 +413,46 @@ def write(
             f.flush()
             run.copy_to(f.fileno(), wrote)
             continue
-        if tuple(tensor.shape) != tuple(m.shape) or str(tensor.dtype) != f"torch.{m.dtype}":
-            raise CheckpointError(
-                f"{name}: the tensor is {list(tensor.shape)} {tensor.dtype}, the plan said "
-                f"{list(m.shape)} {m.dtype}",
-                code="CKM534",
-            )
-        for part in _contiguous_pieces(tensor.detach().to("cpu")):
-            f.write(memoryview(part))
-            f.flush()
-            wrote(part.nbytes)
-            del part
+        _write_tensor(f, name, m, tensor, wrote)
         del tensor
+
+
+def _header(items: list[tuple[str, TensorMeta]], metadata: dict[str, str]) -> dict[str, Any]:
+    """The header of a file storing `items` in this order (names listed sorted)."""
+    entries: dict[str, Any] = {}
+    offset = 0
+    for name, m in items:
+        if m.dtype not in CODES:
+            raise CheckpointError(
+                f"{name}: dtype {m.dtype} cannot be stored in safetensors", code="CKM533"
+            )
+        size = m.nbytes
+        entries[name] = {
+            "dtype": CODES[m.dtype],
+            "shape": list(m.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    header.update(sorted(entries.items()))
+    return header
+
+
+def _write_tensor(
+    f: IO[bytes], name: str, m: TensorMeta, tensor: torch.Tensor, wrote: Callable[[int], None]
+) -> None:
+    """One decoded tensor's bytes, a contiguous piece at a time (it must be what was planned)."""
+    if tuple(tensor.shape) != tuple(m.shape) or str(tensor.dtype) != f"torch.{m.dtype}":
+        raise CheckpointError(
+            f"{name}: the tensor is {list(tensor.shape)} {tensor.dtype}, the plan said "
+            f"{list(m.shape)} {m.dtype}",
+            code="CKM534",
+        )
+    for part in _contiguous_pieces(tensor.detach().to("cpu")):
+        f.write(memoryview(part))
+        f.flush()
+        wrote(part.nbytes)
+        del part
 
 
 def _kernel_copies(src: int, dst: int) -> Iterator[Callable[[int, int], int]]:

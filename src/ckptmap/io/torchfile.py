@@ -155,7 +155,7 @@ def _mapping_is_exact(path: Path) -> bool:
                 )
 
             unpickler = restricted.Unpickler(io.BytesIO(archive.read(pickles[0])), encoding="utf-8")
-            unpickler.persistent_load = persistent_load  # type: ignore[attr-defined]
+            unpickler.persistent_load = persistent_load  # type: ignore[method-assign]
             with warnings.catch_warnings():  # TypedStorage's deprecation: ours, not the user's
                 warnings.simplefilter("ignore")
                 unpickler.load()

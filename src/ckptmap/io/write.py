@@ -12,7 +12,6 @@ import contextlib
 import errno
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -45,11 +44,11 @@ def refuse_clobbering(
     """No path a command writes may be, contain, or lie inside a path it reads, nor be another
     of its outputs: compared through symlinks (resolved) and hard links (same inode), before
     anything runs. Each pair is (role, path) so the error says which option it was."""
-    outputs = [(role, Path(p)) for role, p in outputs if p is not None]
-    inputs = [(role, Path(p)) for role, p in inputs if p is not None]
-    for k, (role, out) in enumerate(outputs):
+    writes = [(role, Path(p)) for role, p in outputs if p is not None]
+    reads = [(role, Path(p)) for role, p in inputs if p is not None]
+    for k, (role, out) in enumerate(writes):
         where = out.resolve()
-        for other_role, other in [*inputs, *outputs[k + 1 :]]:
+        for other_role, other in [*reads, *writes[k + 1 :]]:
             there = other.resolve()
             same = where == there or (_exists(out) and _exists(other) and _same_file(out, other))
             if same or where.is_relative_to(there) or there.is_relative_to(where):
@@ -170,7 +169,7 @@ def parse_size(text: str) -> int:
 def save_checkpoint(
     out: Path,
     items: list[tuple[str, TensorMeta]],
-    fetch: Callable[[str], torch.Tensor],
+    fetch: Callable[[str], torch.Tensor | st.RawBytes],
     *,
     metadata: dict[str, str],
     aliases: dict[str, str] | None = None,
@@ -257,7 +256,7 @@ def _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes
     shards: list[list[tuple[str, TensorMeta]]] = [[]]
     size = 0
     for name, m in stored:
-        nbytes = math.prod(m.shape) * st.DTYPES[st.CODES[m.dtype]][1] if m.dtype in st.CODES else 0
+        nbytes = m.nbytes
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
             size = 0
@@ -282,7 +281,7 @@ def _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes
                 os.fsync(f.fileno())
             for n, m in shard:
                 weight_map[n] = file
-                total += math.prod(m.shape) * st.DTYPES[st.CODES[m.dtype]][1]
+                total += m.nbytes
         index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
         with open(tmp / "model.safetensors.index.json", "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2, sort_keys=True)
