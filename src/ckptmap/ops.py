@@ -356,6 +356,8 @@ class Pad(Op):
     name = "pad"
     params = (("dim", "int"), ("before", "int"), ("after", "int"), ("value", "number"))
     optional = 1
+    # the way back cuts the added rows off: whatever training put there is lost
+    lossy = "pad's added rows would be dropped on the way back"
 
     def infer(self, ins):
         m = _one(ins)
@@ -381,7 +383,13 @@ class Pad(Op):
             parts.append(torch.full(shape, value, dtype=x.dtype))
         return [torch.cat([parts[0], x, parts[1]], d)]
 
+    def lossy_for(self, ins, outs):
+        return None if ins[0].shape == outs[0].shape else self.lossy
+
     def inverse(self, ins, outs):
+        return self.approx_inverse(ins, outs) if ins[0].shape == outs[0].shape else None
+
+    def approx_inverse(self, ins, outs):
         d = _dim(self.args[0], len(ins[0].shape))
         return Slice(d, self.args[1], self.args[1] + ins[0].shape[d])
 
