@@ -8,12 +8,14 @@ from .compile import Program, compile
 from .errors import (
     CheckpointError,
     CkptmapError,
+    HistoryError,
     LoadError,
     PlanError,
     RuleCompileError,
     RuleSyntaxError,
     UsageError,
 )
+from .history import History, upgrade_on_load
 from .load import load_into, migrate
 from .plan import Plan
 from .report import Report
@@ -24,6 +26,8 @@ from .version import __version__
 __all__ = [
     "CheckpointError",
     "CkptmapError",
+    "History",
+    "HistoryError",
     "LoadError",
     "Plan",
     "PlanError",
@@ -39,4 +43,5 @@ __all__ = [
     "load_rules",
     "migrate",
     "parse",
+    "upgrade_on_load",
 ]

@@ -32,7 +32,7 @@ def opened(source: Any) -> Any:
     return source
 
 
-def _tensors(source: Any) -> Mapping[str, torch.Tensor]:
+def tensors_of(source: Any) -> Mapping[str, torch.Tensor]:
     """The source's tensors, by name (a checkpoint is read lazily, tensor by tensor)."""
     from .io import Checkpoint
 
@@ -172,7 +172,7 @@ def checked_source(plan: Plan, source: Any) -> Mapping[str, torch.Tensor]:
     """The source's tensors, after checking they are the ones the plan was made for."""
     import torch
 
-    tensors = _tensors(source)
+    tensors = tensors_of(source)
     expected = {e.source: e for e in plan.sources}
     problems = [
         f"{k}: in the source, not in the plan" for k in sorted(set(tensors) - set(expected))

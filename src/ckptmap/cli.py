@@ -147,13 +147,28 @@ def _main(debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False)
 
 
 @app.command()
-def check(rules: RulesArg) -> None:
-    """Parse and compile rule files; report errors with their line and column."""
+def check(
+    rules: Annotated[
+        list[Path],
+        typer.Argument(help="Rule files (.ckmap/.yaml/.json), or history folders (migrations/)."),
+    ],
+) -> None:
+    """Parse and compile rule files; report errors with their line and column. A folder is a
+    revision history: its graph and every step against its parent's schema, strictly."""
 
     def body() -> None:
         from .compile import compile
 
         for path in rules:
+            if path.is_dir():
+                hist = _history(path)
+                hist.check()
+                out().print(
+                    f"{path}: ok, {len(hist.steps)} revisions from {hist.base} to {hist.head}, "
+                    f"{hist.fingerprint(hist.head)[:19]}",
+                    markup=False,
+                )
+                continue
             program = compile(path)
             out().print(f"{path}: ok, {len(program.rules)} rules, {program.fingerprint[:19]}")
 
@@ -268,10 +283,35 @@ def print_inspect(console: Console, ckpt: Checkpoint) -> None:
     console.print(f"{len(meta)} tensors, {numel:,} values, {_human(size)}")
     for note in ckpt.notes:
         console.print(f"note: {note}", markup=False)
+    _print_provenance(console, ckpt.metadata)
     if ckpt.metadata:
         console.print("metadata:")
         for key, value in sorted(ckpt.metadata.items()):
             console.print(f"  {key}: {_metadata_text(value)}", markup=False)
+
+
+def _print_provenance(console: Console, metadata: dict[str, str]) -> None:
+    """Where a file written by ckptmap came from: its revision and every step that made it."""
+    from .history import STAMP_CHAIN, STAMP_HISTORY, STAMP_REVISION
+
+    if "ckptmap.version" in metadata:
+        console.print(
+            f"written by ckptmap {metadata['ckptmap.version']}, rules "
+            f"{metadata.get('ckptmap.rules_fingerprint', '?')[:19]}",
+            markup=False,
+        )
+    if STAMP_REVISION not in metadata:
+        return
+    console.print(
+        f"revision: {metadata[STAMP_REVISION]} (history {metadata.get(STAMP_HISTORY, '?')[:19]})",
+        markup=False,
+    )
+    try:
+        hops = json.loads(metadata.get(STAMP_CHAIN, "[]"))
+        steps = [f"{'+' if h['direction'] == 'upgrade' else '-'}{h['revision']}" for h in hops]
+    except (ValueError, TypeError, KeyError):
+        steps = ["(unreadable)"]
+    console.print(f"made by: {' '.join(steps) or '(no step)'}", markup=False)
 
 
 def _metadata_text(value: str) -> str:
@@ -337,7 +377,7 @@ def _target(spec: str | None) -> Any:
     if path.exists():
         return path
     if ":" in spec:
-        return _build_on_meta(spec)
+        return _build_model(spec)
     from .errors import CheckpointError
 
     raise CheckpointError(
@@ -345,8 +385,9 @@ def _target(spec: str | None) -> Any:
     )
 
 
-def _build_on_meta(spec: str) -> Any:
-    """`package.module:factory` built on the meta device: shapes without memory."""
+def _build_model(spec: str, on_meta: bool = True) -> Any:
+    """`package.module:factory` built, on the meta device unless its tensors are needed
+    (shapes without memory)."""
     import importlib
 
     import torch
@@ -366,13 +407,14 @@ def _build_on_meta(spec: str) -> Any:
             hint=f"the module is looked up on the import path and in {Path.cwd()}",
         ) from None
     try:
-        with torch.device("meta"):
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
             model = factory()
     except (Exception, SystemExit) as e:  # a factory that parses arguments exits, say so
         raise CheckpointError(
             f"{spec}: the factory failed ({type(e).__name__}: {e})",
             code="CKM541",
-            hint="the factory is called with no arguments, on the meta device",
+            hint="the factory is called with no arguments"
+            + (", on the meta device" if on_meta else ""),
         ) from None
     if not isinstance(model, torch.nn.Module):
         raise CheckpointError(
@@ -680,6 +722,25 @@ def _apply_plan(ckpt, program, saved_plan, the_target, reverse, original, strict
 
 def _write_with_progress(the_plan, ckpt, out_path, metadata, shard_size, overwrite):
     """Write the plan's output, with a progress bar over bytes on a terminal."""
+    from .apply import write_plan
+
+    total = sum(_nbytes(o.shape, o.dtype) for o in the_plan.outputs if o.status == "loaded")
+    with _progress(total) as on_bytes:
+        written = write_plan(
+            the_plan,
+            ckpt,
+            out_path,
+            metadata=metadata,
+            max_shard_size=shard_size,
+            on_bytes=on_bytes,
+            overwrite=overwrite,
+        )
+    return written, total
+
+
+@contextlib.contextmanager
+def _progress(total: int | None) -> Any:
+    """A progress bar over bytes on a terminal (none off one): yields the `on_bytes` call."""
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -688,22 +749,10 @@ def _write_with_progress(the_plan, ckpt, out_path, metadata, shard_size, overwri
         TransferSpeedColumn,
     )
 
-    from .apply import write_plan
-
-    total = sum(_nbytes(o.shape, o.dtype) for o in the_plan.outputs if o.status == "loaded")
     columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err(), disable=not err().is_terminal) as progress:
         task = progress.add_task("writing", total=total)
-        written = write_plan(
-            the_plan,
-            ckpt,
-            out_path,
-            metadata=metadata,
-            max_shard_size=shard_size,
-            on_bytes=lambda n: progress.advance(task, n),
-            overwrite=overwrite,
-        )
-    return written, total
+        yield lambda n: progress.advance(task, n)
 
 
 def _read_text(path: Path) -> str:
@@ -717,6 +766,262 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read ({e})", code="CKM501") from None
+
+
+# --- revision histories -----------------------------------------------------------------------
+
+HistoryOpt = Annotated[
+    Path, typer.Option("--history", help="The history: a folder of revision steps (migrations/).")
+]
+FromOpt = Annotated[
+    str | None,
+    typer.Option("--from", help="The revision SOURCE is at, when its stamp and schema cannot say."),
+]
+
+
+def _history(folder: Path) -> Any:
+    from .history import History
+
+    return History(folder)
+
+
+@app.command()
+def history(
+    folder: Annotated[Path, typer.Argument(help="A folder of revision steps.")],
+) -> None:
+    """Draw a history: its revisions from base to head, merges, and what each step changes."""
+
+    def body() -> None:
+        hist = _history(folder)
+        summaries = {s.revision: s for s in hist.check()}
+        console = out()
+        console.print(
+            f"{folder}: {len(hist.steps)} revisions, base {hist.base}, head {hist.head}",
+            markup=False,
+        )
+        width = max(len(r) for r in hist.order)
+        for rev in reversed(hist.order):  # newest first, as `git log` and `alembic history`
+            s = summaries[rev]
+            mark = "@" if rev == hist.head else "o"
+            kind = "merge " if len(s.parents) > 1 else ""
+            if not s.parents:
+                said = f"base, {s.tensors} tensors"
+            else:
+                changes = ", ".join(f"{n} {k}" for k, n in s.changes.items() if n) or "no change"
+                said = f"{kind}from {', '.join(s.parents)}: {changes}"
+            console.print(f"{mark} {rev.ljust(width)}  {said}", markup=False)
+
+    _run(body)
+
+
+@app.command()
+def current(
+    source: Annotated[Path, typer.Argument(help="A checkpoint file or model folder.")],
+    history: HistoryOpt = ...,  # type: ignore[assignment]
+    select: SelectOpt = None,
+) -> None:
+    """Name the revision a checkpoint is at (its stamp, else the schema it matches); exit 1
+    when it is at none."""
+
+    def body() -> None:
+        from .io import open_checkpoint
+
+        found = _history(history).current(open_checkpoint(source, select))
+        out().print(f"{source}: {found}", markup=False)
+        if found.revision is None:
+            raise typer.Exit(1)
+
+    _run(body)
+
+
+@app.command()
+def upgrade(
+    source: Annotated[Path, typer.Argument(help="The checkpoint to upgrade.")],
+    history: HistoryOpt = ...,  # type: ignore[assignment]
+    out_path: OutOpt = ...,  # type: ignore[assignment]
+    to: Annotated[str, typer.Option(help="The revision to reach (head, or an id).")] = "head",
+    from_: FromOpt = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target",
+            "-t",
+            help="The model at --to (package.module:factory): checked against, and the "
+            "tensors a step introduces without a fill are taken from it.",
+        ),
+    ] = None,
+    select: SelectOpt = None,
+    max_shard_size: ShardSizeOpt = None,
+    hash_source: HashSourceOpt = False,
+    report: ReportOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Upgrade a checkpoint through the history's steps, in one pass, to a stamped file."""
+    _run(
+        lambda: _migrate_file(
+            source,
+            history,
+            out_path,
+            to,
+            from_,
+            target,
+            select,
+            max_shard_size,
+            hash_source,
+            report,
+            overwrite,
+            downgrade=False,
+            allow_lossy=False,
+        )
+    )
+
+
+@app.command()
+def downgrade(
+    source: Annotated[Path, typer.Argument(help="The checkpoint to downgrade.")],
+    history: HistoryOpt = ...,  # type: ignore[assignment]
+    out_path: OutOpt = ...,  # type: ignore[assignment]
+    to: Annotated[str, typer.Option(help="The older revision to go back to.")] = ...,  # type: ignore[assignment]
+    from_: FromOpt = None,
+    select: SelectOpt = None,
+    allow_lossy: Annotated[
+        bool, typer.Option(help="Go back even where a step loses data (said as warnings).")
+    ] = False,
+    max_shard_size: ShardSizeOpt = None,
+    hash_source: HashSourceOpt = False,
+    report: ReportOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Take a checkpoint back to an older revision: the exact inverse of the upgrade."""
+    _run(
+        lambda: _migrate_file(
+            source,
+            history,
+            out_path,
+            to,
+            from_,
+            None,
+            select,
+            max_shard_size,
+            hash_source,
+            report,
+            overwrite,
+            downgrade=True,
+            allow_lossy=allow_lossy,
+        )
+    )
+
+
+def _migrate_file(
+    source,
+    history,
+    out_path,
+    to,
+    from_,
+    target,
+    select,
+    max_shard_size,
+    hash_source,
+    report,
+    overwrite,
+    *,
+    downgrade,
+    allow_lossy,
+) -> None:
+    """`upgrade` and `downgrade`: the paths checked, the file written, the report printed."""
+    from .io import open_checkpoint
+    from .io.write import (
+        check_destination,
+        check_text_destination,
+        parse_size,
+        refuse_clobbering,
+        write_text_atomically,
+    )
+
+    shard_size = parse_size(max_shard_size) if max_shard_size else None
+    hist = _history(history)
+    ckpt = open_checkpoint(source, select)
+    model = _build_model(target, on_meta=False) if target else None
+    reads = [("source", p) for p in (ckpt.path, *ckpt.files)]
+    reads += [("history step", s.file) for s in hist.steps.values()]
+    reads += [("history schema", s.schema_file) for s in hist.steps.values()]
+    refuse_clobbering([("--out", out_path), ("--report", report)], reads)
+    check_destination(out_path, sharded=shard_size is not None, overwrite=overwrite)
+    if report is not None:
+        check_text_destination(report, overwrite)
+    with _progress(None) as on_bytes:
+        the_plan, written = hist.write(
+            ckpt,
+            out_path,
+            to,
+            downgrade=downgrade,
+            from_=from_,
+            model=model,
+            allow_lossy=allow_lossy,
+            max_shard_size=shard_size,
+            overwrite=overwrite,
+            hash_source=hash_source,
+            on_bytes=on_bytes,
+        )
+    the_report = the_plan.report(frozen=[])
+    if report is not None:
+        write_text_atomically(report, the_report.model_dump_json(indent=2) + "\n")
+    console = out()
+    console.print(str(the_report), markup=False)
+    total = sum(p.stat().st_size for p in written if p.is_file())
+    console.print(
+        f"wrote {out_path} at {hist.resolve(to)} ({len(written)} file"
+        f"{'s' * (len(written) != 1)}, {_human(total)})",
+        markup=False,
+    )
+
+
+@app.command()
+def revision(
+    folder: Annotated[Path, typer.Argument(help="The history folder (made when --base is given).")],
+    message: Annotated[str, typer.Option("--message", "-m", help="What the step changes.")] = ...,  # type: ignore[assignment]
+    rev_id: Annotated[
+        str | None, typer.Option("--id", help="The revision id (default: NNNN-words-of-message).")
+    ] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="Start a history: the base revision and its schema, from a checkpoint or "
+            "package.module:factory."
+        ),
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target",
+            "-t",
+            help="The new revision's schema, from a checkpoint or package.module:factory "
+            "(needed when the step adds tensors).",
+        ),
+    ] = None,
+) -> None:
+    """Write a new step file whose parent is the head (the rules are left for you), or with
+    --base the first revision of a new history and its schema snapshot."""
+
+    def body() -> None:
+        from .history import new_revision
+
+        written = new_revision(
+            folder,
+            message,
+            rev_id,
+            base=_schema_source(base) if base else None,
+            schema=_schema_source(target) if target else None,
+        )
+        for path in written:
+            out().print(f"wrote {path}", markup=False)
+
+    _run(body)
+
+
+def _schema_source(spec: str) -> Any:
+    """A checkpoint path, or a factory built on the meta device: names, shapes, dtypes."""
+    return Path(spec) if Path(spec).exists() or ":" not in spec else _build_model(spec)
 
 
 @app.command()

@@ -16,6 +16,7 @@ from .patterns import RegexTimeout
 from .rules import (
     ACTIONS,
     Include,
+    Revision,
     Ruleset,
     Statement,
 )
@@ -44,6 +45,9 @@ class Program:
         self.steps = tuple(r for r in rules if r.role == "pipeline")
         self.inits = tuple(r for r in rules if r.role == "init")
         self.trainability = tuple(r for r in rules if r.role == "trainability")
+        revisions = [r.node for r in rules if r.role == "revision"]
+        # the step of a history this file is (`revision "ID" from "P"`), or None
+        self.revision: Revision | None = revisions[0] if len(revisions) == 1 else None  # type: ignore[assignment]
         self.policies = dict(DEFAULT_POLICIES)
         for r in rules:
             if r.role == "policy":  # the last word on a problem wins, like sed
@@ -91,6 +95,29 @@ class Program:
 
     def __repr__(self) -> str:
         return f"<Program {len(self.rules)} rules {self.fingerprint[:19]}>"
+
+
+def _check_revision(ruleset: Ruleset, statements: list[tuple[Statement, str | None]]) -> None:
+    """A `revision` statement names the file it stands in: once, before every other
+    statement, and never in an included file (which is no step of its own)."""
+    own = {id(s) for s in ruleset.rules}
+    for i, (s, text) in enumerate(statements):
+        if not isinstance(s, Revision):
+            continue
+        if id(s) not in own:
+            where = "an included file"
+        elif i != 0:
+            where = "the middle of the file"
+        else:
+            continue
+        raise _error(
+            "CKM214",
+            f"{s.to_text()} stands in {where}: a revision statement comes first in the step's "
+            "own file, once",
+            s.span,
+            text,
+            hint="one file is one step of a history: its first statement says which",
+        )
 
 
 def overridden(policies: dict[str, str], **actions: str | None) -> dict[str, str]:
@@ -190,6 +217,7 @@ def compile(rules: Any) -> Program:
         )
     files: list[Path] = []
     statements = list(splice_includes(rules, files=files))
+    _check_revision(rules, statements)
     return Program(
         rules,
         tuple(compile_rule(i, s, t) for i, (s, t) in enumerate(statements)),

@@ -127,6 +127,14 @@ class LoadError(CkptmapError):
     phase = "load"
 
 
+class HistoryError(CkptmapError):
+    """A revision history (a folder of step files) that cannot be used as asked: its graph,
+    a step that does not hold, a checkpoint at another revision."""
+
+    code = "CKM600"
+    phase = "history"
+
+
 class CheckpointError(CkptmapError):
     """A checkpoint file or folder that cannot be read or written safely."""
 
@@ -228,6 +236,10 @@ CODES: dict[str, tuple[type[CkptmapError], str]] = {
         PlanError,
         "a regex that spent its time budget on some key (catastrophic backtracking)",
     ),
+    "CKM214": (
+        RuleCompileError,
+        "a `revision` statement that is not the first of its own file (twice, or included)",
+    ),
     "CKM300": (PlanError, "a plan with problems (the class's code)"),
     "CKM301": (PlanError, "two sources map to one target"),
     "CKM302": (PlanError, "shape mismatch (under `on mismatch error`)"),
@@ -263,6 +275,29 @@ CODES: dict[str, tuple[type[CkptmapError], str]] = {
     "CKM407": (LoadError, "a tensor the plan would hold is larger than this machine's memory"),
     "CKM408": (LoadError, "a model on the meta device: nothing to load into"),
     "CKM500": (CheckpointError, "a file that cannot be read or written safely (the class's code)"),
+    "CKM600": (HistoryError, "a revision history that cannot be used as asked (the class's code)"),
+    "CKM601": (HistoryError, "a history folder with no steps, or a step file without `revision`"),
+    "CKM602": (
+        HistoryError,
+        "a history graph that is not one: a duplicate id, an unknown parent, a cycle, "
+        "no base or two, two heads no merge joins",
+    ),
+    "CKM603": (
+        HistoryError,
+        "a step that does not hold against its parent's schema (plan problems, an unused "
+        "rule, a result other than the child's schema)",
+    ),
+    "CKM604": (HistoryError, "a revision without a schema (a base, or a step that adds tensors)"),
+    "CKM605": (
+        HistoryError,
+        "a checkpoint at another revision than the step needs, newer than head, or unknown",
+    ),
+    "CKM606": (
+        HistoryError,
+        "tensors a revision introduces with no fill and no model to take them from",
+    ),
+    "CKM607": (HistoryError, "no way between two revisions (upgrade to an older one, …)"),
+    "CKM608": (HistoryError, "a new revision whose id or file is already taken"),
     "CKM501": (CheckpointError, "no such file, or it cannot be read"),
     "CKM502": (CheckpointError, "a folder with no index and no single model file"),
     "CKM503": (CheckpointError, "neither a safetensors file nor a torch checkpoint"),

@@ -17,6 +17,7 @@ from .apply import (
 )
 from .compile import compile
 from .errors import LoadError, UsageError
+from .history import History
 from .report import render_problems
 
 if TYPE_CHECKING:
@@ -39,7 +40,9 @@ def load_into(
     """Plan, validate, load and freeze, all or nothing; return the Report.
 
     `source` is a state_dict or a checkpoint path; `rules` a Ruleset, Program,
-    rule text or rule file Path. When validation fails, `PlanError` is raised
+    rule text or rule file Path, or a `History`: then the source's revision is found
+    and it is loaded through the steps up to the revision whose schema the model has
+    (head when none has it). When validation fails, `PlanError` is raised
     and the model's tensors and `requires_grad` flags are exactly as before.
 
     When anything fails during the load itself (a file cut short, a module's own
@@ -56,16 +59,17 @@ def load_into(
 
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"load_into loads into an nn.Module, not {type(model).__name__}")
-    program = compile(rules)
     source = opened(source)
-    plan = program.plan(
-        source,
-        model,
-        on_mismatch=on_mismatch,
-        on_missing=on_missing,
-        on_unexpected=on_unexpected,
-        on_unused=on_unused,
-    )
+    policies = {
+        "on_mismatch": on_mismatch,
+        "on_missing": on_missing,
+        "on_unexpected": on_unexpected,
+        "on_unused": on_unused,
+    }
+    if isinstance(rules, History):
+        plan = rules.plan_into(model, source)
+    else:
+        plan = compile(rules).plan(source, model, **policies)
     plan.check()
     # Everything is checked before the first tensor is written: shapes and names (the
     # plan did), the source against the plan, and that each dtype can be copied over.

@@ -660,6 +660,64 @@ class Unstack(Op):
         return Stack(_dim(self.args[0], len(ins[0].shape)))
 
 
+class _Fill(Op):
+    """A tensor made from nothing, for a tensor a revision introduces (`init P | zeros()`).
+
+    The rule gives the leading arguments; the plan appends the shape and dtype from the
+    revision's schema, so each step of a plan is complete on its own."""
+
+    kind = "fill"
+    optional = 2
+    lossy = "it made a tensor the revision introduced, which the way back drops"
+
+    def infer(self, ins):
+        shape, dtype = self.args[-2:]
+        return [Meta(tuple(shape), dtype)]
+
+    def run(self, xs):
+        import torch
+
+        shape, dtype = self.args[-2:]
+        return [self._make(torch, list(shape), getattr(torch, dtype))]
+
+    def _make(self, torch: Any, shape: list[int], dtype: Any) -> Any:
+        raise NotImplementedError
+
+
+class Zeros(_Fill):
+    name = "zeros"
+    params = (("shape", "ints"), ("dtype", "word"))
+
+    def _make(self, torch, shape, dtype):
+        return torch.zeros(shape, dtype=dtype)
+
+
+class Ones(_Fill):
+    name = "ones"
+    params = (("shape", "ints"), ("dtype", "word"))
+
+    def _make(self, torch, shape, dtype):
+        return torch.ones(shape, dtype=dtype)
+
+
+class Normal(_Fill):
+    """`normal(mean, std, seed)`: each tensor drawn from its own generator, seeded so."""
+
+    name = "normal"
+    params = (
+        ("mean", "number"),
+        ("std", "number"),
+        ("seed", "int"),
+        ("shape", "ints"),
+        ("dtype", "word"),
+    )
+
+    def _make(self, torch, shape, dtype):
+        mean, std, seed = self.args[:3]
+        gen = torch.Generator().manual_seed(seed)
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * std + mean).to(dtype)
+
+
 OPS: dict[str, type[Op]] = {
     cls.name: cls
     for cls in (
@@ -678,6 +736,9 @@ OPS: dict[str, type[Op]] = {
         Stack,
         Split,
         Unstack,
+        Zeros,
+        Ones,
+        Normal,
     )
 }
 

@@ -111,7 +111,8 @@ class TargetEntry:
     dtype: str | None = None
     status: Literal["loaded", "initialized", "missing"]
     sources: list[str] = field(default_factory=list)
-    reason: Literal["tied", "init", "mismatch", "failed"] | None = None  # failed: its provider did
+    # failed: its provider did; fill: a history made it (`init ... | zeros()`)
+    reason: Literal["tied", "init", "mismatch", "failed", "fill"] | None = None
     tied_to: str | None = None
     rules: list[int] = field(default_factory=list)
 

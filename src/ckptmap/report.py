@@ -134,6 +134,8 @@ class Report(BaseModel):
         targets = {t.target: t for t in plan.targets or ()}
         in_file = {e.source: e.shape for e in plan.sources}
         for o in plan.outputs:
+            if o.status == "loaded" and not o.sources:  # made by a history's fill: initialized
+                continue
             if o.status == "loaded":
                 report.loaded.append(
                     Loaded(

@@ -84,7 +84,7 @@ def _build_plan(
         r.id
         for r in program.rules
         if r.id not in used
-        and r.node.keyword not in ("on", "include")
+        and r.role not in ("policy", "revision")  # they match no key: never unused
         and not (r.node.keyword == "init" and target is not None and _any_match(r, target.meta))
     ]
     if unused and policies["unused"] != "ignore":

@@ -27,7 +27,7 @@ def invert(plan: Plan, allow_lossy: bool = False) -> Plan:
             f"the plan cannot be reversed exactly: {len(lossy)} entr{'ies' if len(lossy) > 1 else 'y'}",
             code="CKM308",
             problems=lossy,
-            details=summarize([p.message for p in lossy]),
+            details=summarize(list(dict.fromkeys(p.message for p in lossy))),
             hint="Plan.inverse(allow_lossy=True) / --allow-lossy restores what it can",
         )
     return _inverse_plan(plan, steps, available, lossy)
@@ -57,11 +57,12 @@ def _inverse_steps(plan: Plan, allow_lossy: bool) -> tuple[list, set[int], list]
         if back is None:
             why = op.lossy_for(ins, outs) or f"{op.name} has no inverse"
             rule = plan.rules[step.rule]
+            what = f"{op!r} on {names(step.inputs)}" if step.inputs else f"{op!r}"
             lossy.append(
                 problem(
                     "CKM308",
                     "lossy",
-                    f"{op!r} on {names(step.inputs)}: {why} ({rule})",
+                    f"{what}: {why} ({rule})",
                     [e.source for e in plan.sources if e.value in step.inputs]
                     or [names(step.outputs)],
                     [step.rule],

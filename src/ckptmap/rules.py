@@ -245,11 +245,41 @@ class Skip(_PatternStatement):
 
 
 class Init(_PatternStatement):
-    """Matching target keys keep their fresh initialization; sources mapped there are skipped."""
+    """Matching target keys keep their fresh initialization; sources mapped there are skipped.
+
+    `fill` (`init "layers.3" | normal(0, 0.02, 7)`) says what a tensor a revision step
+    introduces holds when a history writes a file at that revision: `zeros()`, `ones()` or
+    `normal(mean, std, seed)`.
+    """
 
     __init__ = Node.__init__  # positional arguments: see Node
 
     keyword = "init"
+    _positional = ("pattern", "fill")
+    fill: OpCall | None = None
+
+    @field_validator("fill")
+    @classmethod
+    def _a_fill(cls, fill: OpCall | None) -> OpCall | None:
+        if fill is not None and fill.name not in FILLS:
+            raise ValueError(f"{fill.name}() is not a fill; init takes {', '.join(FILLS)}")
+        if fill is not None and len(fill.args) > len(FILLS[fill.name]):
+            wanted = f"{fill.name}({', '.join(FILLS[fill.name])})"
+            raise ValueError(f"{wanted} takes {len(FILLS[fill.name])} arguments")
+        return fill
+
+    def _text(self) -> str:
+        fill = f" | {self.fill.to_text()}" if self.fill else ""
+        return f"init {self.pattern.to_text()}{fill}"
+
+    def _yaml(self) -> dict[str, Any]:
+        doc = super()._yaml()
+        return {**doc, "fill": self.fill.to_yaml()} if self.fill else doc
+
+
+# what `init ... | fill` may say, and the arguments each takes (the shape and dtype come
+# from the revision's schema)
+FILLS: dict[str, tuple[str, ...]] = {"zeros": (), "ones": (), "normal": ("mean", "std", "seed")}
 
 
 class Freeze(_PatternStatement):
@@ -463,6 +493,63 @@ class Policy(Statement):
         return {f"on_{self.problem}": self.action}
 
 
+_REVISION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _revision_id(value: str) -> str:
+    if not _REVISION_ID.fullmatch(value):
+        raise ValueError(
+            f"revision id {value!r}: letters, digits, '.', '_' and '-', starting with a "
+            "letter or digit, at most 128"
+        )
+    return value
+
+
+class Revision(Statement):
+    """`revision "0003-fuse-qkv" from "0002-add-layer"`: this file is one step of a history.
+
+    A base revision has no parents; a merge names two (`from "a", "b"`).
+    """
+
+    __init__ = Node.__init__  # positional arguments: see Node
+
+    keyword = "revision"
+    optionable = False
+    _positional = ("id", "parents")
+    id: str
+    parents: tuple[str, ...] = ()
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        return _revision_id(value)
+
+    @field_validator("parents", mode="before")
+    @classmethod
+    def _as_tuple(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _parents(self) -> Revision:
+        for p in self.parents:
+            _revision_id(p)
+        if self.id in self.parents:
+            raise ValueError(f"revision {self.id!r} names itself as its parent")
+        if len(set(self.parents)) != len(self.parents):
+            raise ValueError(f"revision {self.id!r} names a parent twice")
+        return self
+
+    def _text(self) -> str:
+        parents = ", ".join(quote(p) for p in self.parents)
+        return f"revision {quote(self.id)}" + (f" from {parents}" if parents else "")
+
+    def _yaml(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"revision": self.id}
+        if self.parents:
+            doc["from"] = self.parents[0] if len(self.parents) == 1 else list(self.parents)
+        return doc
+
+
 class Include(Statement):
     """Splice another rule file here; `path` is relative to the including file."""
 
@@ -488,7 +575,8 @@ class Include(Statement):
 
 
 AnyStatement = (
-    Strip
+    Revision
+    | Strip
     | Prefix
     | Rename
     | Skip
@@ -700,6 +788,25 @@ FORMS: dict[str, type[BaseModel]] = {
     "on_unused": _form("OnUnusedForm", False, on_unused=MissingAction),
     "include": _form("IncludeForm", False, include=Annotated[str, Field(min_length=1)]),
 }
+FORMS["init"] = type(
+    "InitForm",
+    (FORMS["init"],),
+    {
+        "__annotations__": {"fill": dict[str, list[Any]] | None},
+        "fill": Field(default=None, description="zeros: [], ones: [] or normal: [mean, std, seed]"),
+    },
+)
+
+
+class RevisionForm(BaseModel):
+    """`- revision: "0003-fuse-qkv"` with `from: "0002-add-layer"` (or a list: a merge)."""
+
+    model_config = _FORM
+    revision: str
+    from_: str | list[str] | None = Field(default=None, alias="from")
+
+
+FORMS = {"revision": RevisionForm, **FORMS}
 
 
 class RulesDocument(BaseModel):
@@ -752,6 +859,11 @@ def _statement_from_form(key: str, form: BaseModel, span: Span | None) -> Statem
 
     if key.startswith("on_"):
         return Policy(key[3:], value, span=span)
+    if key == "revision":
+        return Revision(value, form.from_ or (), span=span)  # type: ignore[attr-defined]
+    if key == "init":
+        fill = form.fill  # type: ignore[attr-defined]
+        return Init(pattern(value), ops([fill])[0] if fill else None, span=span)
     if key == "transform":
         return Transform(pattern(value.from_), ops(value.ops), span=span)
     if key == "merge":

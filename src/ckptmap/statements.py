@@ -24,6 +24,7 @@ from .rules import (
     Policy,
     Prefix,
     Rename,
+    Revision,
     Skip,
     Split,
     Statement,
@@ -308,6 +309,15 @@ class PolicyRule(Rule):
     role = "policy"
 
 
+class RevisionRule(Rule):
+    """`revision "ID" from "P"`: says which step of a history this file is; plans nothing."""
+
+    role = "revision"
+
+    def matches_source(self, key: str) -> bool:
+        return False
+
+
 COMPILED: dict[type[Statement], type[Rule]] = {
     Strip: StripRule,
     Prefix: PrefixRule,
@@ -320,6 +330,7 @@ COMPILED: dict[type[Statement], type[Rule]] = {
     Freeze: FreezeRule,
     Unfreeze: UnfreezeRule,
     Policy: PolicyRule,
+    Revision: RevisionRule,
 }
 
 
@@ -378,7 +389,12 @@ def _capture_hint(statement: Rename) -> str:
     return f"write: rename {quote(fixed[0])} -> {quote(fixed[1])}"
 
 
-_KINDS = {"one": "one-to-one", "merge": "many-to-one", "split": "one-to-many"}
+_KINDS = {
+    "one": "one-to-one",
+    "merge": "many-to-one",
+    "split": "one-to-many",
+    "fill": "a fill (it makes a tensor: `init ... | zeros()`)",
+}
 
 
 def _compile_ops(statement: Any, text: str | None, wanted: list[str]) -> tuple[Op, ...]:

@@ -35,6 +35,7 @@ from .rules import (
     Policy,
     Prefix,
     Rename,
+    Revision,
     RulesDocument,
     Ruleset,
     Skip,
@@ -290,8 +291,13 @@ class _ToIR(Transformer):
     def skip(self, meta: Any, pattern: Pattern) -> Skip:
         return self._node(Skip, meta, pattern)
 
-    def init(self, meta: Any, pattern: Pattern) -> Init:
-        return self._node(Init, meta, pattern)
+    def init(self, meta: Any, pattern: Pattern, fill: OpCall | None = None) -> Init:
+        return self._node(Init, meta, pattern, fill)
+
+    def revision(self, meta: Any, id_: Token, *parents: Token) -> Revision:
+        return self._node(
+            Revision, meta, self._string(id_), tuple(self._string(p) for p in parents)
+        )
 
     def freeze(self, meta: Any, pattern: Pattern) -> Freeze:
         return self._node(Freeze, meta, pattern)
@@ -433,7 +439,7 @@ def parse_yaml(text: str, path: str | Path | None = None) -> Ruleset:
         raise error("CKM110", "`rules:` is a list of statements", items)
     rules = []
     for item, node in zip(doc.rules, items.value if items else [], strict=False):
-        keys = [k for k in item if k != "optional"] if isinstance(item, dict) else []
+        keys = [k for k in item if k not in _BESIDE] if isinstance(item, dict) else []
         if len(keys) != 1:
             raise error(
                 "CKM110",
@@ -460,6 +466,11 @@ def parse_yaml(text: str, path: str | Path | None = None) -> Ruleset:
             message = e.message if isinstance(e, RuleSyntaxError) else f"invalid {key}: {e}"
             raise error("CKM108", message, node) from None
     return Ruleset(rules=tuple(rules), version=doc.ckptmap, file=file, text=text)
+
+
+# keys that stand beside a statement's own key: `optional: true`, a revision's `from:`,
+# an init's `fill:` (each statement's form says which it takes)
+_BESIDE = frozenset({"optional", "from", "fill"})
 
 
 def _value_node(mapping: yaml.Node, key: str) -> yaml.Node | None:
