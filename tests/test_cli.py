@@ -155,7 +155,9 @@ def test_schema_is_json_schema():
     result = runner.invoke(app, ["schema"])
     schema = json.loads(result.output)
     assert schema["title"] == "ckptmap rules"
-    assert len(schema["properties"]["rules"]["items"]["anyOf"]) == 16  # every statement form, revision included
+    assert (
+        len(schema["properties"]["rules"]["items"]["anyOf"]) == 16
+    )  # every statement form, revision included
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from ckptmap.rules import (
     Policy,
     Prefix,
     Rename,
+    Revision,
     Ruleset,
     Skip,
     Split,
@@ -46,6 +47,11 @@ scalars = st.one_of(
 op_args = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3), max_leaves=6)
 op_calls = st.builds(lambda n, a: OpCall(n, tuple(a)), words, st.lists(op_args, max_size=3))
 op_chains = st.lists(op_calls, min_size=1, max_size=3).map(tuple)
+fills = st.one_of(
+    st.sampled_from([OpCall("zeros"), OpCall("ones")]),
+    st.tuples(scalars, scalars, st.integers(0, 2**31)).map(lambda a: OpCall("normal", a)),
+)
+revision_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,12}", fullmatch=True)
 statements = st.one_of(
     st.tuples(patterns, op_chains).map(lambda t: Transform(*t)),
     st.tuples(st.lists(patterns, min_size=1, max_size=3), text, op_chains).map(
@@ -59,6 +65,10 @@ statements = st.one_of(
     st.tuples(patterns, st.text(max_size=10)).map(lambda pt: Rename(*pt)),
     patterns.map(Skip),
     patterns.map(Init),
+    st.tuples(patterns, fills).map(lambda t: Init(*t)),
+    st.tuples(revision_ids, st.lists(revision_ids, max_size=2, unique=True))
+    .filter(lambda t: t[0] not in t[1])
+    .map(lambda t: Revision(t[0], tuple(t[1]))),
     patterns.map(Freeze),
     patterns.map(Unfreeze),
     st.sampled_from(

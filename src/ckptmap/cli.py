@@ -607,6 +607,10 @@ def _apply(
         from .compile import compile
 
         program = compile(list(rules or ()))
+        if not reverse:
+            from .history import refuse_other_revision
+
+            refuse_other_revision(program, ckpt)
     the_target = None if reverse else _target(target)
     reads = _apply_reads(ckpt, program, saved_plan, target, the_target, original)
     refuse_clobbering([("--out", out_path), ("--report", report)], reads)

@@ -138,7 +138,7 @@ class History:
     def path_between(self, start: str, end: str) -> list[str]:
         """The revisions an upgrade from `start` to `end` passes, `end` last (`start` not
         included); the shortest way, ties broken by id. HistoryError when there is none."""
-        self._step(start), self._step(end)
+        start, end = self.resolve(start), self.resolve(end)
         came_from: dict[str, str | None] = {start: None}
         queue = deque([start])
         while queue:
@@ -153,9 +153,7 @@ class History:
             raise HistoryError(
                 f"no upgrade from {start} to {end}: {end} is not a descendant of {start}",
                 code="CKM607",
-                hint="downgrade goes the other way"
-                if start in self._ancestors(end) or end in self._ancestors(start)
-                else None,
+                hint="downgrade goes the other way" if end in self._ancestors(start) else None,
             )
         path = []
         at: str | None = end
@@ -489,7 +487,8 @@ class History:
                 lines.append(failure.message)
                 lines += [f"  {d}" for d in failure.details]
             raise HistoryError(
-                f"{self.path}: {len(failures)} step{'s' * (len(failures) != 1)} do not hold",
+                f"{self.path}: {len(failures)} "
+                + ("steps do not hold" if len(failures) != 1 else "step does not hold"),
                 code="CKM603",
                 details=summarize(lines, 40),
             )
@@ -924,3 +923,18 @@ def _rule_files(folder: Path) -> list[Path]:
 def _slug(message: str) -> str:
     words = "".join(c if c.isalnum() else " " for c in message.lower()).split()
     return "-".join(words)[:40].strip("-") or "step"
+
+
+def refuse_other_revision(program: Program, source: Any) -> None:
+    """A step file applied on its own (`ckptmap apply 0003.ckmap`) to a checkpoint stamped
+    at another revision than the step's parent is refused: its rules speak of other names."""
+    rev = program.revision
+    stamp = source.metadata.get(STAMP_REVISION) if isinstance(source, Checkpoint) else None
+    if rev is None or stamp is None or not rev.parents or stamp in rev.parents:
+        return
+    raise HistoryError(
+        f"{source.path} is at revision {stamp} (its stamp); {rev.id} is a step from "
+        f"{', '.join(rev.parents)}",
+        code="CKM605",
+        hint="upgrade through the history: ckptmap upgrade SOURCE --history FOLDER --to " + rev.id,
+    )
