@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,7 @@ def render(page: Path) -> None:
                 subprocess.run([sys.executable, "-c", m.group(3)], cwd=tmp, check=True)
 
         def run(m: re.Match) -> str:
-            args = m.group(1).split()
+            args = shlex.split(m.group(1))
             r = subprocess.run(
                 [sys.executable, "-m", "ckptmap.cli", *args],
                 cwd=tmp,

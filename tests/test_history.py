@@ -401,7 +401,7 @@ def test_downgrade_refuses_what_it_would_lose(tmp_path):
     said = e.value.render()
     assert e.value.code == "CKM308"
     assert "pad's added rows would be dropped" in said and "0004-grow-head.ckmap" in said
-    assert "the revision introduced, which the way back drops" in said
+    assert "a revision introduced it, and the way back drops it" in said
     back, report = h.downgrade(head, "0001-base", allow_lossy=True)
     assert meta_of(back) == h.schema("0001-base")
     for k, v in v1_state().items():

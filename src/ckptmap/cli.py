@@ -972,7 +972,7 @@ def _migrate_file(
         write_text_atomically(report, the_report.model_dump_json(indent=2) + "\n")
     console = out()
     console.print(str(the_report), markup=False)
-    total = sum(p.stat().st_size for p in written if p.is_file())
+    total = sum(_nbytes(o.shape, o.dtype) for o in the_plan.outputs if o.status == "loaded")
     console.print(
         f"wrote {out_path} at {hist.resolve(to)} ({len(written)} file"
         f"{'s' * (len(written) != 1)}, {_human(total)})",

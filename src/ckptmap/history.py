@@ -211,14 +211,16 @@ class History:
             raise HistoryError(
                 f"{step.file}: the base revision {step.id} has no schema ({step.schema_file.name})",
                 code="CKM604",
-                hint=f"ckptmap revision {self.path} --schema {step.id} --target CHECKPOINT|pkg.mod:factory",
+                hint=f"ckptmap revision {self.path} -m MESSAGE --base CHECKPOINT|pkg.mod:factory "
+                "starts a history with one",
             )
         elif step.adds_tensors:
             raise HistoryError(
                 f"{step.file}: {step.id} adds tensors (init) but has no schema "
                 f"({step.schema_file.name}) to say their shapes",
                 code="CKM604",
-                hint=f"ckptmap revision {self.path} --schema {step.id} --target pkg.mod:factory",
+                hint=f"put {step.schema_file.name} beside it (`ckptmap revision FOLDER -m MESSAGE "
+                "--target MODEL` writes one with a new step)",
             )
         else:
             plan = step.program.plan(self.schema(step.parents[0]), on_unused="ignore")

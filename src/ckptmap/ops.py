@@ -668,7 +668,7 @@ class _Fill(Op):
 
     kind = "fill"
     optional = 2
-    lossy = "it made a tensor the revision introduced, which the way back drops"
+    lossy = "a revision introduced it, and the way back drops it"
 
     def infer(self, ins):
         shape, dtype = self.args[-2:]

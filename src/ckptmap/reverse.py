@@ -22,12 +22,13 @@ def invert(plan: Plan, allow_lossy: bool = False) -> Plan:
     plan.check()
     steps, available, lossy = _inverse_steps(plan, allow_lossy)
     lossy += _lost_sources(plan, available, lossy, allow_lossy)
+    lossy = list({p.message: p for p in lossy}.values())  # pieces of one tensor: said once
     if lossy and not allow_lossy:
         raise PlanError(
             f"the plan cannot be reversed exactly: {len(lossy)} entr{'ies' if len(lossy) > 1 else 'y'}",
             code="CKM308",
             problems=lossy,
-            details=summarize(list(dict.fromkeys(p.message for p in lossy))),
+            details=summarize([p.message for p in lossy]),
             hint="Plan.inverse(allow_lossy=True) / --allow-lossy restores what it can",
         )
     return _inverse_plan(plan, steps, available, lossy)
@@ -48,6 +49,24 @@ def _inverse_steps(plan: Plan, allow_lossy: bool) -> tuple[list, set[int], list]
         out += [e.source for e in plan.sources if e.value in values]
         return ", ".join(out) or "intermediate values"
 
+    consumers: dict[int, list[Step]] = {}
+    for s in plan.steps:
+        for v in s.inputs:
+            consumers.setdefault(v, []).append(s)
+    final = {o.value: o.target for o in plan.outputs if o.status == "loaded"}
+
+    def made_into(step: Step) -> str:
+        found, stack, seen = [], list(step.outputs), set()
+        while stack:
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            if v in final:
+                found.append(final[v])
+            stack += [w for s in consumers.get(v, ()) for w in s.outputs]
+        return ", ".join(sorted(found)) or "an intermediate value"
+
     for step in reversed(plan.steps):
         if not all(v in available for v in step.outputs):
             continue  # part of what this step made was dropped: its inputs cannot come back
@@ -57,7 +76,8 @@ def _inverse_steps(plan: Plan, allow_lossy: bool) -> tuple[list, set[int], list]
         if back is None:
             why = op.lossy_for(ins, outs) or f"{op.name} has no inverse"
             rule = plan.rules[step.rule]
-            what = f"{op!r} on {names(step.inputs)}" if step.inputs else f"{op!r}"
+            # a fill (no inputs) made a tensor a revision introduced: say what it became
+            what = f"{op!r} on {names(step.inputs)}" if step.inputs else made_into(step)
             lossy.append(
                 problem(
                     "CKM308",
