@@ -171,6 +171,24 @@ for i in range(16):
     out[p + "attention.qkv.weight"] = torch.cat(qkv, 0)
 torch.save(out, sys.argv[2])
 """
+CKPTMAP_UPGRADE = """
+import sys
+from ckptmap.cli import main
+sys.argv = ["ckptmap", "upgrade", sys.argv[2], "--history", sys.argv[1], "-o", sys.argv[3]]
+main()
+"""
+HISTORY_PLAN = """
+import json, sys, time
+t = time.perf_counter()
+import ckptmap
+imported = time.perf_counter() - t
+t = time.perf_counter()
+history = ckptmap.History(sys.argv[1])
+plan = history.plan(sys.argv[2])
+took = time.perf_counter() - t
+print(json.dumps({"seconds": took, "import": imported, "steps": len(history.steps) - 1,
+                  "keys": len(plan.sources), "ok": plan.ok}))
+"""
 CKPTMAP_APPLY = """
 import sys
 from ckptmap.cli import main
@@ -278,6 +296,19 @@ def run(args: list[str], repeat: int, cleanup: Path | None = None) -> tuple[floa
     return statistics.median(walls), max(peaks), out
 
 
+def write_history(folder: Path, shapes: dict[str, list[int]], steps: list[str]) -> None:
+    """A revision history: a base with the checkpoint's schema, then one step per rule text."""
+    folder.mkdir(parents=True, exist_ok=True)
+    schema = {k: {"shape": s, "dtype": "float32"} for k, s in shapes.items()}
+    doc = {"ckptmap_schema": 1, "revision": "s00", "tensors": schema}
+    (folder / "s00.schema.json").write_text(json.dumps(doc))
+    (folder / "s00.ckmap").write_text('revision "s00"\n')
+    for i, body in enumerate(steps, 1):
+        (folder / f"s{i:02d}.ckmap").write_text(
+            f'revision "s{i:02d}" from "s{i - 1:02d}"\n{body}\n'
+        )
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -312,6 +343,14 @@ def main() -> None:
     (work / "moe.ckmap").write_text("\n".join(MOE_RULES) + "\n")
     (work / "rules.ckmap").write_text(RULES)
     (work / "transform.ckmap").write_text(TRANSFORM_RULES)
+    # the one apply's three renames, as a history of three steps; and a history of twenty
+    write_history(work / "history3", shapes, RULES.strip().splitlines())
+    write_history(
+        work / "history20",
+        shapes,
+        ['rename "model" -> "s01"']
+        + [f'rename "s{i - 1:02d}" -> "s{i:02d}"' for i in range(2, 21)],
+    )
     subprocess.run([PY, "-c", GENERATE, str(work)], check=True)
     # pip compiles an installed package's bytecode; a source checkout run with
     # PYTHONDONTWRITEBYTECODE would recompile ckptmap in every child (~35 ms)
@@ -357,6 +396,17 @@ def main() -> None:
                 "-c",
                 CKPTMAP_APPLY,
                 str(work / "rules.ckmap"),
+                str(st_path),
+                str(out) + ".safetensors",
+            ],
+            Path(str(out) + ".safetensors"),
+        ),
+        "ckptmap upgrade (3 rename steps, st -> st)": (
+            [
+                PY,
+                "-c",
+                CKPTMAP_UPGRADE,
+                str(work / "history3"),
                 str(st_path),
                 str(out) + ".safetensors",
             ],
@@ -430,6 +480,8 @@ def main() -> None:
         1,
     )
     planning = json.loads(text)
+    _, _, text = run([PY, "-c", HISTORY_PLAN, str(work / "history20"), str(st_path)], 1)
+    history = json.loads(text)
 
     floor = results["import torch"][1]
     model_mb = size
@@ -447,6 +499,10 @@ def main() -> None:
         f"{'plan ' + str(planning['keys']) + ' keys, ckptmap (in process)':48} {planning['ckptmap']:8.2f}"
     )
     print(f"{'  of which reading + checking the header':48} {planning['header']:8.2f}")
+    print(
+        f"{'plan a ' + str(history['steps']) + '-step history, ' + str(history['keys']) + ' keys':48}"
+        f" {history['seconds']:8.2f}"
+    )
 
     apply_st = "ckptmap apply (rename, st -> st)"
     apply_tr = "ckptmap apply (transpose + cat, .pt -> st)"
@@ -518,6 +574,13 @@ def main() -> None:
             ">=",
         ),
         ("plan well under a second (s)", planning["ckptmap"], 1.0, "<="),
+        (
+            "upgrade through 3 rename steps <= 1.1 x one apply",
+            w["ckptmap upgrade (3 rename steps, st -> st)"] / w[apply_st],
+            1.1,
+            "<=",
+        ),
+        ("plan a 20-step history under a second (s)", history["seconds"], 1.0, "<="),
     ]
     print()
     print(f"{'target':58} {'measured':>10} {'bound':>8}  met")
@@ -529,7 +592,13 @@ def main() -> None:
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"results": results, "calls": calls, "planning": planning, "checks": report},
+                {
+                    "results": results,
+                    "calls": calls,
+                    "planning": planning,
+                    "history": history,
+                    "checks": report,
+                },
                 indent=2,
             )
         )
