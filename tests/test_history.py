@@ -260,6 +260,14 @@ def test_tensors_no_fill_and_no_model_can_make_are_refused(tmp_path):
     assert [(e.sources, e.target) for e in report.loaded if e.target == "extra.w"] == [
         (["model:extra.w"], "extra.w")
     ]
+    assert json.loads(stamp(tmp_path / "v2.safetensors")["ckptmap.chain"]) == [
+        {
+            "revision": "v2",
+            "rules": h.steps["v2"].program.fingerprint,
+            "direction": "upgrade",
+            "made": ["extra.w: the model's"],
+        }
+    ]
 
 
 # --- identification -----------------------------------------------------------------------------
@@ -298,7 +306,7 @@ def test_two_revisions_with_one_schema_are_not_guessed(tmp_path):
         )
     )
     found = h.current(sd)
-    assert found.revision is None and "a, b are the same" in found.note
+    assert found.revision is None and "it matches a, b, whose schemas are the same" in str(found)
     with pytest.raises(ckptmap.HistoryError, match="--from"):
         h.upgrade(sd)
     up, _ = h.upgrade(sd, from_="a")
@@ -332,6 +340,11 @@ def test_wrong_revision_refusals(tmp_path):
         e.value.code == "CKM605"
         and "'0006-more', a revision this history does not have" in e.value.render()
     )
+    result = runner.invoke(
+        app, ["current", str(tmp_path / "v6.safetensors"), "--history", str(tmp_path / "m")]
+    )
+    assert result.exit_code == 1
+    assert "stamped '0006-more', a revision this history does not have" in result.output
 
 
 # --- composition: one plan equals the steps one by one ------------------------------------------
@@ -365,6 +378,8 @@ def test_upgrading_through_steps_is_byte_identical_to_one_upgrade(tmp_path):
         "0004-grow-head",
         "0005-fuse-qkv",
     ]  # a file made in two hops shows both
+    hop = json.loads(stamps[1]["ckptmap.chain"])[1]
+    assert hop["made"] == [f"blocks.2.{p}: normal(0, 0.02, 7)" for p in "kqv"]
     back = tmp_path / "back.safetensors"
     h.write(tmp_path / "b.safetensors", back, "0002-rename", downgrade=True, allow_lossy=True)
     assert stamp(back)["ckptmap.revision"] == "0002-rename"
@@ -731,3 +746,26 @@ def test_apply_of_one_step_refuses_a_file_at_another_revision(tmp_path, monkeypa
     result = runner.invoke(app, ["apply", fuse, "-s", "v1.safetensors", "-o", "out.safetensors"])
     assert result.exit_code == 1 and "CKM310" in result.output
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_check_compares_the_result_with_the_schema_dtypes_too(tmp_path):
+    sd = {"w": torch.randn(2, 2).half()}
+    v2 = {"w": TensorMeta((2, 2), "float16")}
+    write_history(
+        tmp_path / "m",
+        [("a", (), ""), ("b", ("a",), 'transform "w" | cast(float32)\n')],
+        {"a": meta_of(sd), "b": v2},
+    )
+    with pytest.raises(ckptmap.HistoryError) as e:
+        History(tmp_path / "m").check()
+    assert "the step makes something else than b's schema" in e.value.render()
+    assert "1 of another dtype (w: float32, the schema float16)" in e.value.render()
+
+
+def test_fmt_keeps_a_step_file(tmp_path):
+    f = tmp_path / "s.ckmap"
+    f.write_text('revision   "0002"   from "0001" ,"0001b"  # the merge\ninit "x"|zeros( )\n')
+    assert runner.invoke(app, ["fmt", str(f)]).exit_code == 0
+    assert f.read_text() == (
+        'ckptmap 1\n\nrevision "0002" from "0001", "0001b"  # the merge\ninit "x" | zeros()\n'
+    )

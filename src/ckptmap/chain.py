@@ -134,6 +134,8 @@ def compose(hops: Sequence[Hop]) -> Plan:
     last = hops[-1].plan
     roff = len(rules) - len(last.rules)
     outputs, targets = _final(last, current, {s.rule for s in steps if not s.inputs})
+    for o in outputs:  # a schema may not say dtypes: the value knows its own
+        o.dtype = o.dtype or values[o.value].dtype
     plan = Plan(
         rules_fingerprint=_chain_fingerprint([h.plan.rules_fingerprint for h in hops]),
         rules=rules,

@@ -81,6 +81,8 @@ class Identified:
     note: str = ""
 
     def __str__(self) -> str:
+        if self.revision is None and not self.nearest:
+            return self.note or "at no revision of this history"
         if self.revision is not None:
             how = {
                 "stamp": "from the revision stamped in its metadata",
@@ -274,8 +276,8 @@ class History:
             return Identified(
                 None,
                 "schema",
-                nearest=[(r, ["the same schema"]) for r in exact],
-                note=f"the schemas of {', '.join(exact)} are the same: say which (--from)",
+                note=f"it matches {', '.join(exact)}, whose schemas are the same: say which "
+                "(--from)",
             )
         scored.sort(key=lambda t: (t[0], self.order.index(t[1])))
         return Identified(None, "nearest", nearest=[(r, d) for _, r, d in scored[:3]])
@@ -288,7 +290,7 @@ class History:
             raise HistoryError(
                 "the checkpoint is at no revision of this history: " + str(found).split("\n")[0],
                 code="CKM605",
-                details=str(found).split("\n")[1:] if found.nearest else [found.note],
+                details=str(found).split("\n")[1:],
                 hint="say which with from_= / --from REV when it is known",
             )
         return found.revision
@@ -300,6 +302,9 @@ class History:
         """One plan from `source` (at its revision, or `from_`) up to `to`: each step
         planned in its own scope, composed. `model` (an nn.Module at `to`) is what the
         last step is checked against, when given."""
+        return compose(self._upgrade_hops(source, to, from_, model))
+
+    def _upgrade_hops(self, source: Any, to: str, from_: str | None, model: Any) -> list[Hop]:
         start = self._at(source, from_)
         end = self.resolve(to)
         if start == end:
@@ -311,7 +316,7 @@ class History:
                 hint=f"downgrade it: history.downgrade(source, to={end!r}) / ckptmap downgrade",
             )
         path = self.path_between(start, end)
-        return self._chain(opened(source), [start, *path], model)
+        return self._hops(opened(source), [start, *path], model)
 
     def revision_of(self, model: Any) -> str | None:
         """The revision whose schema an nn.Module (or a state_dict) has, or None."""
@@ -333,7 +338,8 @@ class History:
             return compile("").plan(source, model)
         return self.plan(source, end, from_=start, model=model)
 
-    def _chain(self, source: Any, revisions: list[str], model: Any = None) -> Plan:
+    def _hops(self, source: Any, revisions: list[str], model: Any = None) -> list[Hop]:
+        """Each step planned in its own scope, on what the step before it leaves."""
         hops: list[Hop] = []
         here: Any = source
         for parent, rev in itertools.pairwise(revisions):
@@ -345,7 +351,7 @@ class History:
             refuse_problems(plan, f"{step.file}: {parent} -> {rev}")
             hops.append(Hop(plan, _fills(step.program, plan)))
             here = next_source(plan)
-        return compose(hops)
+        return hops
 
     def downgrade_plan(
         self, source: Any, to: str, *, from_: str | None = None, allow_lossy: bool = False
@@ -361,7 +367,7 @@ class History:
                 code="CKM605" if start in self._ancestors(end) else "CKM607",
                 hint="upgrade goes forward" if start in self._ancestors(end) else None,
             )
-        forward = self._chain(self.schema(end), [end, *self.path_between(end, start)])
+        forward = compose(self._hops(self.schema(end), [end, *self.path_between(end, start)]))
         return forward.inverse(allow_lossy=allow_lossy)
 
     # --- running it ---
@@ -408,14 +414,22 @@ class History:
             plan = self.downgrade_plan(checkpoint, end, from_=start, allow_lossy=allow_lossy)
             hops = [(r, "downgrade") for r in reversed(self.path_between(end, start))]
             _only_planned(plan, checkpoint.meta(), allow_lossy)
+            made: dict[str, list[str]] = {}
         else:
-            plan = self.plan(checkpoint, end, from_=start, model=model)
+            steps = self._upgrade_hops(checkpoint, end, start, model)
             hops = [(r, "upgrade") for r in self.path_between(start, end)]
-            plan, checkpoint = _complete(plan, checkpoint, model, end)
+            made = {  # what each step's fills made, and what the model gave: in the stamp
+                rev: [f"{k}: {fill.to_text()}" for k, fill in sorted(h.fills.items())]
+                for (rev, _), h in zip(hops, steps, strict=True)
+            }
+            plan, checkpoint = _complete(compose(steps), checkpoint, model, end)
+            if isinstance(checkpoint, _WithModel):
+                given = sorted(k.removeprefix(MODEL_PREFIX) for k in checkpoint.extra)
+                made[end] = made[end] + [f"{k}: the model's" for k in given]
         metadata = provenance(
             plan.rules_fingerprint, plan.fingerprint, checkpoint.files, hash_source
         )
-        metadata |= self.stamp(end, checkpoint, hops)
+        metadata |= self.stamp(end, checkpoint, hops, made)
         written = write_plan(
             plan,
             checkpoint,
@@ -427,7 +441,13 @@ class History:
         )
         return plan, written
 
-    def stamp(self, revision: str, source: Any, steps: list[tuple[str, str]]) -> dict[str, str]:
+    def stamp(
+        self,
+        revision: str,
+        source: Any,
+        steps: list[tuple[str, str]],
+        made: dict[str, list[str]] | None = None,
+    ) -> dict[str, str]:
         """The metadata a file written at `revision` carries: the revision, the history's
         fingerprint up to it, and every hop that made it (earlier files' hops first)."""
         chain: list[Any] = []
@@ -436,10 +456,15 @@ class History:
                 chain = list(json.loads(source.metadata[STAMP_CHAIN]))
             except (ValueError, TypeError):
                 chain = []
-        chain += [
-            {"revision": rev, "rules": self.steps[rev].program.fingerprint, "direction": way}
-            for rev, way in steps
-        ]
+        for rev, way in steps:
+            hop: dict[str, Any] = {
+                "revision": rev,
+                "rules": self.steps[rev].program.fingerprint,
+                "direction": way,
+            }
+            if made and made.get(rev):
+                hop["made"] = made[rev]  # tensors the step introduced: by which fill, or the model
+            chain.append(hop)
         return {
             STAMP_REVISION: self.resolve(revision),
             STAMP_HISTORY: self.fingerprint(revision),
@@ -459,27 +484,7 @@ class History:
                 if not step.parents:
                     summaries.append(StepSummary(rev, (), {}, len(schema)))
                     continue
-                used: set[int] = set()
-                counts: dict[str, int] = {}
-                for parent in step.parents:
-                    plan = step.program.plan(self.schema(parent), schema, on_unused="ignore")
-                    refuse_problems(plan, f"{step.file}: {parent} -> {rev}")
-                    used |= {r.id for r in plan.rules} - set(plan.unused_rules)
-                    for k, n in _changes(plan).items():
-                        counts[k] = max(counts.get(k, 0), n)
-                unused = [
-                    r
-                    for r in step.program.rules
-                    if r.id not in used and r.role != "revision" and not r.node.optional
-                ]
-                if unused:
-                    raise HistoryError(
-                        f"{step.file}: {len(unused)} rule{'s' * (len(unused) != 1)} "
-                        f"match nothing in {', '.join(step.parents)}",
-                        code="CKM603",
-                        details=[r.where() for r in unused],
-                        hint="a step's every rule must do something (remove it, or mark it optional)",
-                    )
+                counts = self._check_step(step, schema)
                 summaries.append(StepSummary(rev, step.parents, counts, len(schema)))
             except CkptmapError as e:
                 failures.append(e)
@@ -495,6 +500,40 @@ class History:
                 details=summarize(lines, 40),
             )
         return summaries
+
+    def _check_step(self, step: Step, schema: dict[str, TensorMeta]) -> dict[str, int]:
+        """One step from each parent's schema: clean, every rule used (from some parent),
+        the result exactly the step's schema (names, shapes, dtypes); what it changes."""
+        used: set[int] = set()
+        counts: dict[str, int] = {}
+        for parent in step.parents:
+            plan = step.program.plan(self.schema(parent), schema, on_unused="ignore")
+            refuse_problems(plan, f"{step.file}: {parent} -> {step.id}")
+            diff = schema_difference(next_source(plan), schema)
+            if diff:
+                raise HistoryError(
+                    f"{step.file}: from {parent}, the step makes something else than "
+                    f"{step.id}'s schema",
+                    code="CKM603",
+                    details=diff,
+                )
+            used |= {r.id for r in plan.rules} - set(plan.unused_rules)
+            for k, n in _changes(plan).items():
+                counts[k] = max(counts.get(k, 0), n)
+        unused = [
+            r
+            for r in step.program.rules
+            if r.id not in used and r.role != "revision" and not r.node.optional
+        ]
+        if unused:
+            raise HistoryError(
+                f"{step.file}: {len(unused)} rule{'s' * (len(unused) != 1)} "
+                f"match nothing in {', '.join(step.parents)}",
+                code="CKM603",
+                details=[r.where() for r in unused],
+                hint="a step's every rule must do something (remove it, or mark it optional)",
+            )
+        return counts
 
 
 @dataclass
