@@ -112,25 +112,7 @@ def compose(hops: Sequence[Hop]) -> Plan:
                 for key in current[e.source].sources:
                     fates.setdefault(key, _dropped(e, key, current[e.source].rules, roff))
         current = _after(plan, current, remap, roff)
-        for name, t in introduced(plan).items():
-            fill = hop.fills.get(name)
-            rule_ids = [r + roff for r in t.rules]
-            if fill is None:
-                current[name] = _Tensor(None, [], rule_ids)
-                continue
-            v = len(values)
-            dtype = t.dtype or "float32"
-            values.append(Value(shape=list(t.shape), dtype=dtype))
-            steps.append(
-                Step(
-                    op=fill.name,
-                    args=[*fill.args, list(t.shape), dtype],
-                    inputs=[],
-                    outputs=[v],
-                    rule=rule_ids[0],
-                )
-            )
-            current[name] = _Tensor(v, [], rule_ids)
+        current |= _introduce(hop, values, steps, roff)
     last = hops[-1].plan
     roff = len(rules) - len(last.rules)
     outputs, targets = _final(last, current, {s.rule for s in steps if not s.inputs})
@@ -153,6 +135,32 @@ def compose(hops: Sequence[Hop]) -> Plan:
     )
     plan.fingerprint = fingerprint_of(plan)
     return plan
+
+
+def _introduce(hop: Hop, values: list[Value], steps: list[Step], roff: int) -> dict[str, _Tensor]:
+    """What the step introduces: made by its fill (a step with no inputs, the shape and
+    dtype from the schema appended to the fill's arguments), or left to the model."""
+    out: dict[str, _Tensor] = {}
+    for name, t in introduced(hop.plan).items():
+        fill = hop.fills.get(name)
+        rule_ids = [r + roff for r in t.rules]
+        if fill is None:
+            out[name] = _Tensor(None, [], rule_ids)
+            continue
+        v = len(values)
+        dtype = t.dtype or "float32"
+        values.append(Value(shape=list(t.shape), dtype=dtype))
+        steps.append(
+            Step(
+                op=fill.name,
+                args=[*fill.args, list(t.shape), dtype],
+                inputs=[],
+                outputs=[v],
+                rule=rule_ids[0],
+            )
+        )
+        out[name] = _Tensor(v, [], rule_ids)
+    return out
 
 
 def _wire(
