@@ -13,7 +13,10 @@ __all__ = [
     "HFLlama",
     "MyLlama",
     "ResNet",
+    "NanoGPT",
     "StagedResNet",
+    "TinyBert",
+    "TitanLlama",
     "WithBuffers",
     "wrapped",
 ]
@@ -380,3 +383,130 @@ class TinyViT(nn.Module):
         p = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
         tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), p], 1) + self.pos_embed
         return self.head(tokens.mean(1))
+
+
+# --- pairs for `suggest` (tests/test_suggest.py) -----------------------------------------------
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT's GPT: the Hugging Face names, nn.Linear everywhere (weights [out, in]), one
+    fused c_attn, the head tied to wte."""
+
+    def __init__(self, vocab=50, d=16, layers=2, heads=4, positions=32):
+        super().__init__()
+
+        def block(b, d):
+            b.attn.c_attn, b.attn.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            b.mlp.c_fc, b.mlp.c_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+        _gpt2_skeleton(self, vocab, d, layers, positions, heads, block)
+
+    def forward(self, ids):
+        def attn(block, h):
+            q, k, v = block.attn.c_attn(h).split(h.shape[-1], -1)
+            return block.attn.c_proj(_causal(q, k, v, self.heads))
+
+        def mlp(block, h):
+            return block.mlp.c_proj(nn.functional.gelu(block.mlp.c_fc(h)))
+
+        return _gpt2_forward(self, ids, attn, mlp)
+
+
+class TitanLlama(nn.Module):
+    """torchtitan's Llama names: tok_embeddings, layers.{i}.attention.wq, feed_forward.w1/w2/w3,
+    attention_norm, ffn_norm, norm, output."""
+
+    def __init__(self, vocab=64, d=32, layers=2, heads=4, hidden=48):
+        super().__init__()
+        self.heads = heads
+        self.tok_embeddings = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleDict()
+        for i in range(layers):
+            layer = nn.Module()
+            layer.attention = nn.Module()
+            for p in "qkvo":
+                setattr(layer.attention, f"w{p}", nn.Linear(d, d, bias=False))
+            layer.feed_forward = nn.Module()
+            layer.feed_forward.w1 = nn.Linear(d, hidden, bias=False)
+            layer.feed_forward.w2 = nn.Linear(hidden, d, bias=False)
+            layer.feed_forward.w3 = nn.Linear(d, hidden, bias=False)
+            layer.attention_norm = nn.RMSNorm(d)
+            layer.ffn_norm = nn.RMSNorm(d)
+            self.layers[str(i)] = layer
+        self.norm = nn.RMSNorm(d)
+        self.output = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.tok_embeddings(ids)
+        for L in self.layers.values():
+            a, f = L.attention, L.feed_forward
+            x = _llama_layer(
+                x,
+                L.attention_norm,
+                a.wq,
+                a.wk,
+                a.wv,
+                a.wo,
+                L.ffn_norm,
+                f.w1,
+                f.w3,
+                f.w2,
+                self.heads,
+            )
+        return self.output(self.norm(x))
+
+
+class _LegacyLayerNorm(nn.Module):
+    """A LayerNorm as TF-converted BERT checkpoints name it: gamma and beta."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(d) + 0.1 * torch.randn(d))
+        self.beta = nn.Parameter(0.1 * torch.randn(d))
+
+    def forward(self, x):
+        return nn.functional.layer_norm(x, x.shape[-1:], self.gamma, self.beta)
+
+
+class TinyBert(nn.Module):
+    """Hugging Face BERT's names (bert.embeddings…, encoder.layer.{i}.attention.self.query…),
+    its LayerNorms as `LayerNorm.weight/bias` or, legacy, `LayerNorm.gamma/beta`."""
+
+    def __init__(self, vocab=40, d=16, layers=2, legacy=False):
+        super().__init__()
+
+        def norm():
+            return _LegacyLayerNorm(d) if legacy else nn.LayerNorm(d)
+
+        self.bert = nn.Module()
+        e = self.bert.embeddings = nn.Module()
+        e.word_embeddings = nn.Embedding(vocab, d)
+        e.position_embeddings = nn.Embedding(32, d)
+        e.LayerNorm = norm()
+        self.bert.encoder = nn.Module()
+        self.bert.encoder.layer = nn.ModuleList()
+        for _ in range(layers):
+            L = nn.Module()
+            L.attention = nn.Module()
+            L.attention.self = nn.Module()
+            for p in ("query", "key", "value"):
+                setattr(L.attention.self, p, nn.Linear(d, d))
+            L.attention.output = nn.Module()
+            L.attention.output.dense = nn.Linear(d, d)
+            L.attention.output.LayerNorm = norm()
+            L.intermediate = nn.Module()
+            L.intermediate.dense = nn.Linear(d, 4 * d)
+            L.output = nn.Module()
+            L.output.dense = nn.Linear(4 * d, d)
+            L.output.LayerNorm = norm()
+            self.bert.encoder.layer.append(L)
+
+    def forward(self, ids):
+        e = self.bert.embeddings
+        x = e.LayerNorm(e.word_embeddings(ids) + e.position_embeddings(torch.arange(ids.shape[1])))
+        for L in self.bert.encoder.layer:
+            s = L.attention.self
+            att = nn.functional.scaled_dot_product_attention(s.query(x), s.key(x), s.value(x))
+            x = L.attention.output.LayerNorm(x + L.attention.output.dense(att))
+            x = L.output.LayerNorm(x + L.output.dense(nn.functional.gelu(L.intermediate.dense(x))))
+        return x

@@ -772,6 +772,70 @@ def _read_text(path: Path) -> str:
         raise CheckpointError(f"{path}: cannot read ({e})", code="CKM501") from None
 
 
+# --- suggest ------------------------------------------------------------------------------------
+
+
+@app.command()
+def suggest(
+    source: SourceOpt,
+    target: Annotated[
+        str,
+        typer.Option(
+            "--target",
+            "-t",
+            help="What to map onto: a checkpoint, a {name: shape} JSON file, or package.module:factory.",
+        ),
+    ],
+    select: SelectOpt = None,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the rule file here.")
+    ] = None,
+    overwrite: OverwriteOpt = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="The rules, evidence, unresolved keys as JSON.")
+    ] = False,
+    hint: Annotated[
+        list[str] | None,
+        typer.Option("--hint", help="A rename you know, applied first: 'old -> new'."),
+    ] = None,
+) -> None:
+    """Write the rule file that maps SOURCE onto TARGET, from names and shapes alone, each
+    rule with its evidence; what two candidates fit equally is listed as unresolved. Exit 1
+    when something is unresolved or the verifying plan has problems."""
+
+    def body() -> None:
+        from .io import open_checkpoint
+        from .io.write import check_text_destination, refuse_clobbering, write_text_atomically
+        from .suggest import suggest as find
+
+        ckpt = open_checkpoint(source, select)
+        the_target = _target(target)
+        if out_path is not None:
+            reads: list[tuple[str, Path | None]] = [("source", p) for p in (ckpt.path, *ckpt.files)]
+            if isinstance(the_target, Path):
+                reads.append(("target", the_target))
+            elif Path(target).is_file():
+                reads.append(("target", Path(target)))
+            refuse_clobbering([("--out", out_path)], reads)
+            check_text_destination(out_path, overwrite)
+        found = find(ckpt, the_target, hint or ())
+        console = out()
+        if json_out:
+            print(found.to_json())
+        elif out_path is None:
+            console.print(found.to_text(), markup=False, end="")
+        if out_path is not None:
+            write_text_atomically(out_path, found.to_text())
+            console.print(f"wrote {out_path}", markup=False)
+        said = err() if out_path is None and not json_out else console
+        if not json_out:
+            said.print(found.summary(), markup=False)
+        if not found.ok:
+            raise typer.Exit(1)
+
+    _run(body)
+
+
 # --- revision histories -----------------------------------------------------------------------
 
 HistoryOpt = Annotated[
