@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import ckptmap
+from ckptmap.chain import tensor_seed
 from ckptmap.cli import app
 from ckptmap.history import History, schema_text
 from ckptmap.meta import TensorMeta
@@ -221,7 +222,8 @@ def test_a_file_at_a_revision_is_complete_for_it(tmp_path):
     h.write(tmp_path / "v1.safetensors", tmp_path / "v3.safetensors", "0003-add-layer")
     got = load_file(tmp_path / "v3.safetensors")
     assert meta_of(got) == h.schema("0003-add-layer")
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(tensor_seed(7, "blocks.2.q"))
+    assert not torch.equal(got["blocks.2.q"], got["blocks.2.k"])  # one seed, many tensors
     assert torch.allclose(
         got["blocks.2.q"], (torch.randn(4, 4, generator=g, dtype=torch.float64) * 0.02).float()
     )
@@ -240,7 +242,8 @@ def test_tensors_no_fill_and_no_model_can_make_are_refused(tmp_path):
     save_file(v1_state(), tmp_path / "v1.safetensors")
     with pytest.raises(ckptmap.HistoryError) as e:
         h.write(tmp_path / "v1.safetensors", tmp_path / "v2.safetensors")
-    assert e.value.code == "CKM606" and e.value.details == ["extra.w"], e.value.render()
+    assert e.value.code == "CKM606", e.value.render()
+    assert e.value.details == ["extra.w (introduced with no fill)"]
     assert not (tmp_path / "v2.safetensors").exists()
 
     class V2(torch.nn.Module):
@@ -507,25 +510,25 @@ def test_a_branchy_history_with_a_merge(tmp_path):
         write_history(
             tmp_path / "m",
             [
-                ("base", (), ""),
-                ("left", ("base",), 'rename "w" -> "weight"\n'),
-                ("right", ("base",), 'rename "b" -> "bias"\n'),
+                ("root", (), ""),
+                ("left", ("root",), 'rename "w" -> "weight"\n'),
+                ("right", ("root",), 'rename "b" -> "bias"\n'),
                 (
                     "joined",
                     ("left", "right"),
-                    'optional rename "w" -> "weight"\noptional rename "b" -> "bias"\n',
+                    'rename "w" -> "weight"\nrename "b" -> "bias"\n',
                 ),
             ],
-            {"base": meta_of(sd)},
+            {"root": meta_of(sd)},
         )
     )
-    assert h.head == "joined" and sorted(h.children["base"]) == ["left", "right"]
-    assert {s.revision for s in h.check()} == {"base", "left", "right", "joined"}
+    assert h.head == "joined" and sorted(h.children["root"]) == ["left", "right"]
+    assert {s.revision for s in h.check()} == {"root", "left", "right", "joined"}
     from_left, _ = h.upgrade(h.upgrade(sd, "left")[0])
     from_right, _ = h.upgrade(h.upgrade(sd, "right")[0])
     direct, _ = h.upgrade(sd)
     assert sorted(from_left) == sorted(from_right) == sorted(direct) == ["bias", "weight"]
-    assert h.path_between("base", "joined") == ["left", "joined"]  # shortest, ties by id
+    assert h.path_between("root", "joined") == ["left", "joined"]  # shortest, ties by id
     assert torch.equal(from_right["weight"], sd["w"])
 
 
@@ -769,3 +772,65 @@ def test_fmt_keeps_a_step_file(tmp_path):
     assert f.read_text() == (
         'ckptmap 1\n\nrevision "0002" from "0001", "0001b"  # the merge\ninit "x" | zeros()\n'
     )
+
+
+def test_a_bf16_copy_is_at_its_revision_and_upgrades_to_a_loadable_file(tmp_path):
+    h = four_steps(tmp_path / "m")
+    save_file({k: v.bfloat16() for k, v in v1_state().items()}, tmp_path / "v1.safetensors")
+    found = h.current(tmp_path / "v1.safetensors")
+    assert found.revision == "0001-base" and "dtypes are not the schema's" in found.note
+    h.write(tmp_path / "v1.safetensors", tmp_path / "v2.safetensors", "0002-rename")
+    got = load_file(tmp_path / "v2.safetensors")  # a file safetensors reads (bytes = header)
+    assert got["blocks.0.q"].dtype == torch.bfloat16
+    assert torch.equal(got["blocks.0.q"], v1_state()["layers.0.q"].bfloat16())
+    h.write(tmp_path / "v1.safetensors", tmp_path / "v5.safetensors")
+    got = load_file(tmp_path / "v5.safetensors")
+    assert got["head.weight"].dtype == torch.bfloat16 and got["blocks.2.qkv"].shape == (12, 4)
+
+
+def test_a_relaxed_step_policy_never_leaves_a_file_incomplete(tmp_path):
+    v1 = meta_of(v1_state())
+    v2 = dict(v1) | {"c.weight": TensorMeta((3,), "float32")}
+    h = History(
+        write_history(
+            tmp_path / "m",
+            [("v1", (), ""), ("v2", ("v1",), "on missing warn\n")],
+            {"v1": v1, "v2": v2},
+        )
+    )
+    save_file(v1_state(), tmp_path / "v1.safetensors")
+    with pytest.raises(ckptmap.HistoryError) as e:
+        h.write(tmp_path / "v1.safetensors", tmp_path / "v2.safetensors")
+    assert e.value.code == "CKM606" and e.value.details == [
+        "c.weight (missing under a step policy)"
+    ]
+    assert not (tmp_path / "v2.safetensors").exists()
+
+
+def test_head_and_base_are_not_ids(tmp_path):
+    with pytest.raises(ckptmap.RuleSyntaxError, match="names a history's newest or first"):
+        ckptmap.parse('revision "head" from "0001"')
+    write_history(tmp_path / "m", [("a", (), "")], {"a": meta_of(v1_state())})
+    result = runner.invoke(app, ["revision", str(tmp_path / "m"), "-m", "x", "--id", "base"])
+    assert result.exit_code == 2 and "CKM108" in result.output
+
+
+def test_the_model_given_must_be_at_the_revision_asked(tmp_path):
+    sd = {"w": torch.randn(2, 3)}
+    h = History(
+        write_history(
+            tmp_path / "m",
+            [
+                ("a", (), ""),
+                ("b", ("a",), 'rename "w" -> "x"\n'),
+                ("c", ("b",), 'rename "x" -> "y"\n'),
+            ],
+            {"a": meta_of(sd)},
+        )
+    )
+    save_file(sd, tmp_path / "a.safetensors")
+    at_b = {"x": TensorMeta((2, 3), "float32")}
+    with pytest.raises(
+        ckptmap.HistoryError, match="the model is at revision b .its schema., not c"
+    ):
+        h.write(tmp_path / "a.safetensors", tmp_path / "c.safetensors", model=at_b)

@@ -550,7 +550,14 @@ def write_plan(
     if Path(out).suffix == ".safetensors" or max_shard_size is not None:
         for o in loaded:
             if o.value in by_value and o.target not in aliases:
-                piece = checkpoint.raw(by_value[o.value])
+                source = by_value[o.value]
+                if o.dtype and meta[source].dtype and o.dtype != meta[source].dtype:
+                    raise LoadError(  # the bytes would be copied under another dtype's header
+                        f"{o.target}: the plan says {o.dtype}, its source {source} is "
+                        f"{meta[source].dtype}",
+                        code="CKM402",
+                    )
+                piece = checkpoint.raw(source)
                 if piece is not None:
                     raw[o.target] = piece
     computed = [o.value for o in loaded if o.target not in aliases and o.target not in raw]

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .errors import HistoryError, summarize
-from .meta import TensorMeta
+from .meta import CODES, TensorMeta
+from .ops import OpArgError, OpError, make
 from .plan import (
     OutputEntry,
     Plan,
@@ -116,8 +117,8 @@ def compose(hops: Sequence[Hop]) -> Plan:
     last = hops[-1].plan
     roff = len(rules) - len(last.rules)
     outputs, targets = _final(last, current, {s.rule for s in steps if not s.inputs})
-    for o in outputs:  # a schema may not say dtypes: the value knows its own
-        o.dtype = o.dtype or values[o.value].dtype
+    for o in outputs:  # what the bytes are: the value's dtype (a bf16 copy stays bf16)
+        o.dtype = values[o.value].dtype or o.dtype
     plan = Plan(
         rules_fingerprint=_chain_fingerprint([h.plan.rules_fingerprint for h in hops]),
         rules=rules,
@@ -149,11 +150,20 @@ def _introduce(hop: Hop, values: list[Value], steps: list[Step], roff: int) -> d
             continue
         v = len(values)
         dtype = t.dtype or "float32"
+        args = list(fill.args)
+        if fill.name == "normal":  # one seed in the rule, a generator per tensor: never alike
+            args[2] = tensor_seed(args[2], name)
+        try:  # what a schema says must be something the fill can make
+            make(fill.name, [*args, list(t.shape), dtype]).infer([])
+            if dtype not in CODES:
+                raise OpError(f"{dtype} is no dtype a file can hold")
+        except (OpError, OpArgError) as e:
+            raise HistoryError(f"{name}: cannot fill it: {e}", code="CKM606") from None
         values.append(Value(shape=list(t.shape), dtype=dtype))
         steps.append(
             Step(
                 op=fill.name,
-                args=[*fill.args, list(t.shape), dtype],
+                args=[*args, list(t.shape), dtype],
                 inputs=[],
                 outputs=[v],
                 rule=rule_ids[0],
@@ -161,6 +171,13 @@ def _introduce(hop: Hop, values: list[Value], steps: list[Step], roff: int) -> d
         )
         out[name] = _Tensor(v, [], rule_ids)
     return out
+
+
+def tensor_seed(seed: int, key: str) -> int:
+    """The seed of one tensor's generator: the rule's seed and the key's name, hashed (so
+    the q, k and v an init fills differ, and every upgrade writes the same bytes)."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:7], "little")
 
 
 def _wire(

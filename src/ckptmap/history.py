@@ -255,30 +255,43 @@ class History:
                 return Identified(
                     None, "stamp", note=f"stamped {stamp!r}, a revision this history does not have"
                 )
+            wrong = schema_difference(_meta(source), self.schema(stamp), dtypes=False)
+            if wrong:  # a stamp is a claim: the tensors must bear it out
+                return Identified(
+                    None,
+                    "stamp",
+                    note=f"stamped {stamp}, but its tensors are not {stamp}'s: " + "; ".join(wrong),
+                )
             said = source.metadata.get(STAMP_HISTORY)
             note = ""
             if said and said != self.fingerprint(stamp):
                 note = "the history's steps up to it have changed since the file was written"
             return Identified(stamp, "stamp", note=note)
         meta = _meta(source)
-        exact, scored = [], []
+        exact, shaped, scored = [], [], []
         for rev in self.order:
             try:
-                diff = schema_difference(meta, self.schema(rev))
+                schema = self.schema(rev)
             except HistoryError:
                 continue  # a revision without a schema matches nothing
+            diff = schema_difference(meta, schema)
             if not diff:
                 exact.append(rev)
+            elif not schema_difference(meta, schema, dtypes=False):
+                shaped.append((rev, diff))
             scored.append((len(diff), rev, diff))
-        if len(exact) == 1:
-            return Identified(exact[0], "schema")
-        if exact:
-            return Identified(
-                None,
-                "schema",
-                note=f"it matches {', '.join(exact)}, whose schemas are the same: say which "
-                "(--from)",
-            )
+        for found, note in ((exact, ""), ([r for r, _ in shaped], "")):
+            if len(found) == 1:
+                if found is not exact:  # a copy in other dtypes (bf16) is at the revision too
+                    note = "its dtypes are not the schema's: " + "; ".join(shaped[0][1])
+                return Identified(found[0], "schema", note=note)
+            if found:
+                return Identified(
+                    None,
+                    "schema",
+                    note=f"it matches {', '.join(found)}, whose schemas are the same: say "
+                    "which (--from)",
+                )
         scored.sort(key=lambda t: (t[0], self.order.index(t[1])))
         return Identified(None, "nearest", nearest=[(r, d) for _, r, d in scored[:3]])
 
@@ -315,6 +328,14 @@ class History:
                 code="CKM605",
                 hint=f"downgrade it: history.downgrade(source, to={end!r}) / ckptmap downgrade",
             )
+        if model is not None:
+            at = self.revision_of(model)
+            if at is not None and at != end:
+                raise HistoryError(
+                    f"the model is at revision {at} (its schema), not {end}",
+                    code="CKM605",
+                    hint=f"upgrade --to {at}, or give the model of {end}",
+                )
         path = self.path_between(start, end)
         return self._hops(opened(source), [start, *path], model)
 
@@ -347,7 +368,12 @@ class History:
             target: Any = self.schema(rev)
             if model is not None and rev == revisions[-1]:
                 target = model
-            plan = step.program.plan(here, target)
+            # a merge is planned from one of its parents: its other parents' rules may go
+            # unused here (check() has seen each used from some parent)
+            unused = "ignore" if len(step.parents) > 1 else None
+            plan = step.program.plan(here, target, on_unused=unused)
+            if target is model and model is not None:
+                plan.check()  # the model's own mismatch: a plan problem (exit 1), as in apply
             refuse_problems(plan, f"{step.file}: {parent} -> {rev}")
             hops.append(Hop(plan, _fills(step.program, plan)))
             here = next_source(plan)
@@ -584,16 +610,25 @@ MODEL_PREFIX = "model:"  # a tensor a file at a revision takes from the model, a
 
 def _complete(plan: Plan, checkpoint: Any, model: Any, revision: str) -> tuple[Plan, Any]:
     """A file at a revision holds every tensor of it: what the plan leaves to the model
-    (introduced with no fill) is taken from `model`, as sources named `model:KEY`."""
-    left = [t for t in plan.targets or () if t.status == "initialized" and t.reason == "init"]
+    (introduced with no fill, missing or mismatched under a step's relaxed policy) is taken
+    from `model`, as sources named `model:KEY`; with no model it is refused."""
+    left = [
+        t
+        for t in plan.targets or ()
+        if t.status == "missing" or (t.status == "initialized" and t.reason != "fill")
+    ]
     if not left:
         return plan, checkpoint
+    why = {"init": "introduced with no fill", "mismatch": "a shape mismatch skipped"}
     if model is None:
         raise HistoryError(
             f"{len(left)} tensor{'s' * (len(left) != 1)} of {revision} come from no source: "
-            "the revision introduces them and no fill or model says what they hold",
+            "no fill or model says what they hold",
             code="CKM606",
-            details=summarize([t.target for t in left]),
+            details=summarize(
+                f"{t.target} ({why.get(t.reason or '', 'missing under a step policy')})"
+                for t in left
+            ),
             hint='give the init a fill (init "..." | zeros()), or the model: '
             "--target pkg.mod:factory / model=",
         )
@@ -722,7 +757,9 @@ def _meta(source: Any) -> dict[str, TensorMeta]:
     return describe(source, role="source").meta
 
 
-def schema_difference(have: Mapping[str, TensorMeta], want: Mapping[str, TensorMeta]) -> list[str]:
+def schema_difference(
+    have: Mapping[str, TensorMeta], want: Mapping[str, TensorMeta], dtypes: bool = True
+) -> list[str]:
     """What differs between a checkpoint's tensors and a schema, in a person's words."""
     diff = []
     missing = sorted(set(want) - set(have))
@@ -740,15 +777,15 @@ def schema_difference(have: Mapping[str, TensorMeta], want: Mapping[str, TensorM
             f"{len(shapes)} of another shape ({k}: {list(have[k].shape)}, the schema "
             f"{list(want[k].shape)})"
         )
-    dtypes = [
+    other = [
         k
         for k in sorted(set(have) & set(want))
-        if have[k].dtype and want[k].dtype and have[k].dtype != want[k].dtype
+        if dtypes and have[k].dtype and want[k].dtype and have[k].dtype != want[k].dtype
     ]
-    if dtypes:
-        k = dtypes[0]
+    if other:
+        k = other[0]
         diff.append(
-            f"{len(dtypes)} of another dtype ({k}: {have[k].dtype}, the schema {want[k].dtype})"
+            f"{len(other)} of another dtype ({k}: {have[k].dtype}, the schema {want[k].dtype})"
         )
     return diff
 

@@ -712,6 +712,12 @@ class Normal(_Fill):
         ("dtype", "word"),
     )
 
+    def infer(self, ins):
+        out = super().infer(ins)
+        if out[0].dtype not in FLOAT_WIDTH:
+            raise OpError(f"normal() makes floating-point values, not {out[0].dtype}")
+        return out
+
     def _make(self, torch, shape, dtype):
         mean, std, seed = self.args[:3]
         gen = torch.Generator().manual_seed(seed)

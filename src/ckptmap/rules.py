@@ -497,6 +497,8 @@ _REVISION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def _revision_id(value: str) -> str:
+    if value in ("head", "base"):
+        raise ValueError(f"{value!r} names a history's newest or first revision: not an id")
     if not _REVISION_ID.fullmatch(value):
         raise ValueError(
             f"revision id {value!r}: letters, digits, '.', '_' and '-', starting with a "
