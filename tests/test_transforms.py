@@ -193,9 +193,12 @@ def test_bf16_cast_and_lossy_reversal():
     assert "cast float32 -> bfloat16 narrows" in str(info.value)
     approx = plan.inverse(allow_lossy=True).apply(out)
     assert all(approx[k].dtype == torch.float32 for k in approx)
-    # widening back is exact
+    # widening is exact, but its way back narrows what the wider values came to hold
     widen = ckptmap.compile('transform "**" | cast(float32)').plan(out)
-    assert widen.inverse().apply(widen.apply(out)).keys() == out.keys()
+    with pytest.raises(ckptmap.PlanError, match="the way back narrows to bfloat16"):
+        widen.inverse()
+    back = widen.inverse(allow_lossy=True).apply(widen.apply(out))
+    assert all(torch.equal(back[k], out[k]) and back[k].dtype == torch.bfloat16 for k in out)
 
 
 # --- plan-time validation ------------------------------------------------------------------------
@@ -249,13 +252,11 @@ def invertible_case(draw):
     """A source tensor, a shape, and rules made of invertible ops only."""
     rank = draw(st.integers(1, 3))
     shape = [draw(st.integers(1, 4)) * 2 for _ in range(rank)]
-    source_dtype = dtype = draw(st.sampled_from(["float32", "float16", "bfloat16", "int32"]))
+    source_dtype = draw(st.sampled_from(["float32", "float16", "bfloat16", "int32"]))
     ops, cur = [], list(shape)
     for _ in range(draw(st.integers(1, 4))):
         choice = draw(
-            st.sampled_from(
-                ["transpose", "permute", "reshape", "pad", "cast", "rope", "select_all"]
-            )
+            st.sampled_from(["transpose", "permute", "reshape", "pad", "rope", "select_all"])
         )
         n = len(cur)
         if choice == "transpose":
@@ -277,9 +278,6 @@ def invertible_case(draw):
             )  # padding that adds rows is lossy on the way back (a test below)
             ops.append(f"pad({d}, {before}, {after})")
             cur[d] += before + after
-        elif choice == "cast" and dtype in ("float16", "bfloat16"):
-            ops.append("cast(float32)")
-            dtype = "float32"
         elif choice == "rope" and n <= 2 and cur[0] % 2 == 0:
             ops.append(
                 f"rope_permute({draw(st.sampled_from([d for d in (1, 2) if cur[0] % (2 * d) == 0]))})"

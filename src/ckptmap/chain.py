@@ -86,6 +86,7 @@ def compose(hops: Sequence[Hop]) -> Plan:
     }
     fates: dict[str, SourceEntry] = {}  # first-step sources dropped on the way, and why
     problems, unused = [], []
+    decided: dict[int, tuple[bool, int]] = {}  # value -> (frozen, rule): the last step's wins
     for i, hop in enumerate(hops):
         plan = hop.plan
         roff = len(rules)
@@ -114,6 +115,10 @@ def compose(hops: Sequence[Hop]) -> Plan:
                     fates.setdefault(key, _dropped(e, key, current[e.source].rules, roff))
         current = _after(plan, current, remap, roff)
         current |= _introduce(hop, values, steps, roff)
+        for t in plan.trainable:  # a step's freeze speaks of its names: follow the tensor
+            here = current.get(t.target)
+            if here is not None and here.value is not None:
+                decided[here.value] = (t.frozen, t.rule + roff)
     last = hops[-1].plan
     roff = len(rules) - len(last.rules)
     outputs, targets = _final(last, current, {s.rule for s in steps if not s.inputs})
@@ -130,12 +135,20 @@ def compose(hops: Sequence[Hop]) -> Plan:
         targets=targets,
         problems=problems,
         unused_rules=unused,
-        trainable=[
-            Trainable(target=t.target, frozen=t.frozen, rule=t.rule + roff) for t in last.trainable
-        ],
+        trainable=_trainable(outputs, decided, last, roff),
     )
     plan.fingerprint = fingerprint_of(plan)
     return plan
+
+
+def _trainable(
+    outputs: list[OutputEntry], decided: dict[int, tuple[bool, int]], last: Plan, roff: int
+) -> list[Trainable]:
+    """freeze/unfreeze over the chain: each step's decisions follow its tensors to their
+    final names; the last step also speaks of keys it introduces. The latest step wins."""
+    final = {o.target: decided[o.value] for o in outputs if o.value in decided}
+    final |= {t.target: (t.frozen, t.rule + roff) for t in last.trainable}
+    return [Trainable(target=k, frozen=f, rule=r) for k, (f, r) in sorted(final.items())]
 
 
 def _introduce(hop: Hop, values: list[Value], steps: list[Step], roff: int) -> dict[str, _Tensor]:

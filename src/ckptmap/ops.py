@@ -243,14 +243,12 @@ class Cast(Op):
         src = ins[0].dtype
         if src is None or src == self.dtype:
             return None
-        if _widens(src, self.dtype):
-            return None
+        if _widens(src, self.dtype):  # exact forward; what the wider dtype then holds is not
+            return f"cast {src} -> {self.dtype}: the way back narrows to {src}"
         return f"cast {src} -> {self.dtype} narrows"
 
     def inverse(self, ins, outs):
-        if self.lossy_for(ins, outs) is None and ins[0].dtype is not None:
-            return Cast(ins[0].dtype)
-        return None
+        return Cast(ins[0].dtype) if ins[0].dtype == self.dtype else None
 
     def approx_inverse(self, ins, outs):
         return Cast(ins[0].dtype) if ins[0].dtype else None
