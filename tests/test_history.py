@@ -699,7 +699,26 @@ def test_cli_from_a_new_history_to_an_upgraded_file(tmp_path, monkeypatch):
             "--overwrite",
         ],
     )
-    assert result.exit_code == 2 and "refusing to write over the history step" in result.output
+    assert (
+        result.exit_code == 2 and "refusing to write over the history folder mig" in result.output
+    )
+    result = runner.invoke(
+        app,
+        [
+            "upgrade",
+            "v1.safetensors",
+            "--history",
+            "mig",
+            "-o",
+            "v3b.safetensors",
+            "--report",
+            "mig/report.json",
+        ],
+    )
+    assert result.exit_code == 2 and "history folder" in result.output  # it would become a step
+    assert not (tmp_path / "mig" / "report.json").exists()
+    result = runner.invoke(app, ["upgrade", "v1.safetensors", "--history", "mig", "-o", "v3.pt"])
+    assert result.exit_code == 2 and "where its revision stamp is kept" in result.output
     result = runner.invoke(
         app, ["upgrade", "v1.safetensors", "--history", "mig", "-o", "v3.safetensors"]
     )
@@ -852,3 +871,95 @@ def test_a_freeze_in_an_earlier_step_follows_its_tensor(tmp_path):
     report = ckptmap.load_into(model, sd, h)
     assert report.frozen == ["y.weight"] and not model.y.weight.requires_grad
     assert model.x.weight.requires_grad
+
+
+def test_upgrade_on_load_inside_a_wrapper_and_when_it_cannot_tell(tmp_path):
+    h = staged_history(tmp_path / "m")
+    torch.manual_seed(0)
+    old = ResNet(1000).state_dict()
+    wrapper = torch.nn.Module()
+    wrapper.model = StagedResNet(1000)  # a Lightning module holds the model as `model.`
+    ckptmap.upgrade_on_load(wrapper.model, h)
+    wrapper.load_state_dict({f"model.{k}": v for k, v in old.items()})
+    assert torch.equal(wrapper.model.head.weight, old["fc.weight"])
+    # a square transpose keeps the schema: a state_dict at either revision looks the same
+    sd = {"w": torch.randn(3, 3)}
+    square = History(
+        write_history(
+            tmp_path / "sq",
+            [("a", (), ""), ("b", ("a",), 'transform "w" | transpose(0, 1)\n')],
+            {"a": meta_of(sd)},
+        )
+    )
+    model = torch.nn.Module()
+    model.register_parameter("w", torch.nn.Parameter(torch.zeros(3, 3)))
+    ckptmap.upgrade_on_load(model, square)
+    with pytest.raises(ckptmap.HistoryError, match="matches a, b alike") as e:
+        model.load_state_dict(sd)
+    assert "from_=REV" in e.value.render()
+    assert torch.equal(model.w, torch.zeros(3, 3))
+    ckptmap.load_into(model, sd, square, from_="a")  # said which: upgraded
+    assert torch.equal(model.w, sd["w"].t())
+    with pytest.raises(ckptmap.UsageError, match="keep their own policies"):
+        ckptmap.load_into(model, sd, square, from_="a", on_missing="warn")
+    with pytest.raises(ckptmap.UsageError, match="goes with a History"):
+        ckptmap.load_into(model, sd, "", from_="a")
+
+
+def test_edges_of_the_history_api(tmp_path, monkeypatch):
+    h = four_steps(tmp_path / "m")
+    before = h.fingerprint("head")
+    snap = tmp_path / "m" / "0003-add-layer.schema.json"
+    snap.write_text(snap.read_text().replace('"float32"}', '"float16"}', 1))
+    assert History(tmp_path / "m").fingerprint("head") != before  # fills depend on it
+    snap.write_text(snap.read_text().replace('"float16"}', '"qint8"}', 1))
+    with pytest.raises(ckptmap.HistoryError, match="not"):
+        History(tmp_path / "m").schema("0003-add-layer")
+    snap.write_text(snap.read_text().replace('"qint8"}', '"float32"}', 1))
+    bad = tmp_path / "m" / "0001-base.schema.json"
+    text = bad.read_text()
+    bad.write_text(text.replace('"ckptmap_schema": 1', '"ckptmap_schema": true'))
+    with pytest.raises(ckptmap.HistoryError, match="not a ckptmap schema"):
+        History(tmp_path / "m").schema("base")
+    bad.write_text(text)
+    save_file(v1_state(), tmp_path / "v1.safetensors")
+    with pytest.raises(ckptmap.UsageError):
+        h.write(tmp_path / "v1.safetensors", None)  # type: ignore[arg-type]
+    with pytest.raises(ckptmap.UsageError, match="above 0"):
+        h.write(tmp_path / "v1.safetensors", tmp_path / "out", max_shard_size=0)
+    # an earlier file's chain that is no list of hops is not carried on
+    meta = {"ckptmap.revision": "0001-base", "ckptmap.chain": '"abc"'}
+    save_file(v1_state(), tmp_path / "odd.safetensors", metadata=meta)
+    h.write(tmp_path / "odd.safetensors", tmp_path / "v2.safetensors", "0002-rename")
+    assert [
+        hop["revision"] for hop in json.loads(stamp(tmp_path / "v2.safetensors")["ckptmap.chain"])
+    ] == ["0002-rename"]
+    # revision ids from any message; --base refusals
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["revision", "m", "-m", "Überschrift ñ 日本語 layers"])
+    assert result.exit_code == 0 and "0006-berschrift-layers.ckmap" in result.output, result.output
+    (tmp_path / "afile").write_text("x")
+    result = runner.invoke(app, ["revision", "afile", "-m", "b", "--base", "v1.safetensors"])
+    assert result.exit_code == 2 and "not a folder" in result.output
+    result = runner.invoke(app, ["revision", "new", "-m", "b", "--base", "nope.pt"])
+    assert result.exit_code == 2 and not (tmp_path / "new").exists()
+    result = runner.invoke(
+        app, ["revision", "new", "-m", "b", "--base", "v1.safetensors", "-t", "v1.safetensors"]
+    )
+    assert result.exit_code == 2 and "one" in result.output
+
+
+def test_normal_fills_floats_only(tmp_path):
+    v1 = meta_of(v1_state())
+    v2 = dict(v1) | {"steps.count": TensorMeta((1,), "int64")}
+    h = History(
+        write_history(
+            tmp_path / "m",
+            [("v1", (), ""), ("v2", ("v1",), 'init "steps" | normal(0, 1, 0)\n')],
+            {"v1": v1, "v2": v2},
+        )
+    )
+    with pytest.raises(
+        ckptmap.HistoryError, match=r"normal\(\) makes floating-point values, not int64"
+    ):
+        h.upgrade(v1_state())

@@ -4,6 +4,7 @@ a checkpoint file. The front doors that compile and plan first are in load.py.""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,6 +20,10 @@ if TYPE_CHECKING:
     from .io import Checkpoint
     from .io.safetensors import RawBytes
     from .plan import Plan
+
+
+# set while ckptmap itself loads a model: its plan has already mapped every key
+LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("ckptmap_loading", default=False)
 
 
 def opened(source: Any) -> Any:
@@ -216,7 +221,11 @@ def stream_into(
     All or nothing: before a module's tensors are written, the tensor objects and (when
     `transactional`) what they hold are kept; whatever fails afterwards, the model's own
     code or a `KeyboardInterrupt` included, puts every one of them back."""
-    _ModelLoad(model, plan, tensors, metadata, checkpoint, transactional).run()
+    token = LOADING.set(True)  # the model's hooks run; ckptmap's own upgrade hook stands by
+    try:
+        _ModelLoad(model, plan, tensors, metadata, checkpoint, transactional).run()
+    finally:
+        LOADING.reset(token)
 
 
 class _ModelLoad:

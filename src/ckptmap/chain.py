@@ -122,14 +122,17 @@ def compose(hops: Sequence[Hop]) -> Plan:
     last = hops[-1].plan
     roff = len(rules) - len(last.rules)
     outputs, targets = _final(last, current, {s.rule for s in steps if not s.inputs})
+    made_into: dict[str, list[OutputEntry]] = {}
     for o in outputs:  # what the bytes are: the value's dtype (a bf16 copy stays bf16)
         o.dtype = values[o.value].dtype or o.dtype
+        for key in o.sources:
+            made_into.setdefault(key, []).append(o)
     plan = Plan(
         rules_fingerprint=_chain_fingerprint([h.plan.rules_fingerprint for h in hops]),
         rules=rules,
         policies=last.policies,
         values=values,
-        sources=[_fate(e, fates, outputs) for e in first.sources],
+        sources=[_fate(e, fates, made_into) for e in first.sources],
         steps=steps,
         outputs=outputs,
         targets=targets,
@@ -321,9 +324,11 @@ def _dropped(e: SourceEntry, source: str, before: list[int], roff: int) -> Sourc
     )
 
 
-def _fate(e: SourceEntry, fates: dict[str, SourceEntry], outputs: list[OutputEntry]) -> SourceEntry:
+def _fate(
+    e: SourceEntry, fates: dict[str, SourceEntry], made_into: dict[str, list[OutputEntry]]
+) -> SourceEntry:
     """A first-step source's fate over the whole chain."""
-    into = [o for o in outputs if e.source in o.sources]
+    into = made_into.get(e.source)
     if into:
         return SourceEntry(
             source=e.source,

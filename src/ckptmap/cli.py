@@ -1011,8 +1011,10 @@ def _migrate_file(
     ckpt = open_checkpoint(source, select)
     model = _build_model(target, on_meta=False) if target else None
     reads = [("source", p) for p in (ckpt.path, *ckpt.files)]
-    reads += [("history step", s.file) for s in hist.steps.values()]
-    reads += [("history schema", s.schema_file) for s in hist.steps.values()]
+    # the whole folder: its steps, their includes, schemas; a file dropped in it would be
+    # read as a step next time
+    reads += [("history folder", hist.path)]
+    reads += [("history step", f) for s in hist.steps.values() for f in s.program.files]
     refuse_clobbering([("--out", out_path), ("--report", report)], reads)
     check_destination(out_path, sharded=shard_size is not None, overwrite=overwrite)
     if report is not None:

@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .apply import apply_plan, opened, tensors_of, write_plan
+from .apply import LOADING, apply_plan, opened, tensors_of, write_plan
 from .chain import Hop, compose, introduced, next_source, refuse_problems
 from .compile import Program, compile
 from .errors import CkptmapError, HistoryError, UsageError, summarize
 from .io import Checkpoint, describe
 from .io.write import provenance, write_text_atomically
 from .limits import check_text_size
-from .meta import TensorMeta, meta_of
+from .meta import DTYPES, TensorMeta, meta_of
 from .rules import Init, OpCall
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ class Identified:
     # the revisions nearest to an unknown checkpoint, each with what differs
     nearest: list[tuple[str, list[str]]] = field(default_factory=list)
     note: str = ""
+    alike: list[str] = field(default_factory=list)  # revisions whose schemas it matches alike
 
     def __str__(self) -> str:
         if self.revision is None and not self.nearest:
@@ -129,6 +130,7 @@ class History:
             )
         self.head = self.heads[0]
         self._schemas: dict[str, dict[str, TensorMeta]] = {}
+        self._derived: dict[str, Plan] = {}  # the plans that made schemas, from the parent's
 
     def __repr__(self) -> str:
         return f"<History {self.path} {len(self.steps)} revisions, head {self.head}>"
@@ -230,6 +232,7 @@ class History:
                 plan, f"{step.file}: planning {step.id}'s schema from {step.parents[0]}"
             )
             schema = next_source(plan)
+            self._derived[step.id] = plan
         self._schemas[step.id] = schema
         return schema
 
@@ -240,7 +243,10 @@ class History:
         lines = []
         for rev in sorted({step.id} | self._ancestors(step.id)):
             s = self.steps[rev]
-            lines.append(f"{rev} {' '.join(s.parents)} {s.program.fingerprint}")
+            snapshot = ""
+            if s.schema_file.exists():  # what a fill makes depends on the schema's dtypes
+                snapshot = hashlib.sha256(s.schema_file.read_bytes()).hexdigest()
+            lines.append(f"{rev} {' '.join(s.parents)} {s.program.fingerprint} {snapshot}")
         return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
     # --- which revision a checkpoint is at ---
@@ -291,6 +297,7 @@ class History:
                     "schema",
                     note=f"it matches {', '.join(found)}, whose schemas are the same: say "
                     "which (--from)",
+                    alike=list(found),
                 )
         scored.sort(key=lambda t: (t[0], self.order.index(t[1])))
         return Identified(None, "nearest", nearest=[(r, d) for _, r, d in scored[:3]])
@@ -371,13 +378,28 @@ class History:
             # a merge is planned from one of its parents: its other parents' rules may go
             # unused here (check() has seen each used from some parent)
             unused = "ignore" if len(step.parents) > 1 else None
-            plan = step.program.plan(here, target, on_unused=unused)
+            # a middle hop from the parent's very schema is the plan that derived this one's
+            # (the last hop is planned against its target: the report says what it meets)
+            plan = self._derivation(step, parent, here, target) if rev != revisions[-1] else None
+            if plan is None:
+                plan = step.program.plan(here, target, on_unused=unused)
             if target is model and model is not None:
                 plan.check()  # the model's own mismatch: a plan problem (exit 1), as in apply
             refuse_problems(plan, f"{step.file}: {parent} -> {rev}")
             hops.append(Hop(plan, _fills(step.program, plan)))
             here = next_source(plan)
         return hops
+
+    def _derivation(self, step: Step, parent: str, here: Any, target: Any) -> Plan | None:
+        """The plan that derived this step's schema, when this hop is that same planning:
+        from the parent's schema exactly, to the schema it made, every rule used."""
+        plan = self._derived.get(step.id)
+        if plan is None or step.parents[0] != parent or not isinstance(here, dict):
+            return None
+        if target is not self._schemas[step.id] or here != self.schema(parent):
+            return None
+        optional = {r.id for r in step.program.rules if r.node.optional or r.role == "revision"}
+        return None if set(plan.unused_rules) - optional else plan
 
     def downgrade_plan(
         self, source: Any, to: str, *, from_: str | None = None, allow_lossy: bool = False
@@ -431,6 +453,15 @@ class History:
         pass over the bytes. The file is complete for `to`: tensors a step introduces are
         made by their fill, or taken from `model` (an nn.Module at `to`); with neither,
         refused, naming them. Returns the plan and the files written."""
+        if not isinstance(out, (str, Path)):
+            raise UsageError(f"History.write writes to a path, not {type(out).__name__}")
+        if Path(out).suffix != ".safetensors" and max_shard_size is None:
+            raise UsageError(  # a stamp lives in safetensors metadata; a .pt file has none
+                f"{out}: a file written under a history is .safetensors (or a sharded folder: "
+                "max_shard_size=), where its revision stamp is kept",
+            )
+        if max_shard_size is not None and (type(max_shard_size) is not int or max_shard_size < 1):
+            raise UsageError(f"max_shard_size is a number of bytes above 0, not {max_shard_size!r}")
         checkpoint = opened(source)
         if not isinstance(checkpoint, Checkpoint):
             raise UsageError("History.write writes from a checkpoint file (a path)")
@@ -479,9 +510,11 @@ class History:
         chain: list[Any] = []
         if isinstance(source, Checkpoint) and STAMP_CHAIN in source.metadata:
             try:
-                chain = list(json.loads(source.metadata[STAMP_CHAIN]))
-            except (ValueError, TypeError):
-                chain = []
+                said = json.loads(source.metadata[STAMP_CHAIN])
+            except (ValueError, TypeError, RecursionError):
+                said = None
+            # an earlier file's hops, kept as they were when they are hops at all
+            chain = [h for h in said if isinstance(h, dict)] if isinstance(said, list) else []
         for rev, way in steps:
             hop: dict[str, Any] = {
                 "revision": rev,
@@ -591,7 +624,7 @@ def _changes(plan: Plan) -> dict[str, int]:
         "renamed": renamed,
         "transformed": transformed,
         "added": len(introduced(plan)),
-        "removed": sum(e.status == "skipped" for e in plan.sources),
+        "removed": sum(e.status in ("skipped", "unexpected") for e in plan.sources),
     }
 
 
@@ -874,7 +907,11 @@ def read_schema(path: Path) -> dict[str, TensorMeta]:
     except (OSError, ValueError, RecursionError) as e:
         raise HistoryError(f"{path}: not a schema: {str(e)[:200]}", code="CKM604") from None
     tensors = doc.get("tensors") if isinstance(doc, dict) else None
-    if not isinstance(tensors, dict) or doc.get("ckptmap_schema") != SCHEMA_FORMAT:
+    if (
+        not isinstance(tensors, dict)
+        or type(doc.get("ckptmap_schema")) is not int
+        or doc.get("ckptmap_schema") != SCHEMA_FORMAT
+    ):
         raise HistoryError(
             f'{path}: not a ckptmap schema ({{"ckptmap_schema": 1, "tensors": {{...}}}})',
             code="CKM604",
@@ -884,9 +921,10 @@ def read_schema(path: Path) -> dict[str, TensorMeta]:
         shape = entry.get("shape") if isinstance(entry, dict) else None
         dtype = entry.get("dtype") if isinstance(entry, dict) else None
         if (
-            not isinstance(shape, list)
+            not name
+            or not isinstance(shape, list)
             or not all(type(d) is int and 0 <= d < 2**63 for d in shape)
-            or not (dtype is None or isinstance(dtype, str))
+            or not (dtype is None or dtype in _DTYPE_NAMES)
         ):
             raise HistoryError(
                 f'{path}: {name}: not {{"shape": [whole numbers], "dtype": "float32"}}',
@@ -894,6 +932,9 @@ def read_schema(path: Path) -> dict[str, TensorMeta]:
             )
         out[name] = TensorMeta(tuple(shape), dtype)
     return meta_of(out, f"schema {path.name}")
+
+
+_DTYPE_NAMES = frozenset(name for name, _ in DTYPES.values())
 
 
 def schema_text(revision: str, meta: Mapping[str, TensorMeta]) -> str:
@@ -926,19 +967,30 @@ def upgrade_on_load(model: torch.nn.Module, history: History | str | Path) -> An
     end = history.revision_of(model) or history.head
 
     def hook(module: Any, state_dict: Any, prefix: str, *_: Any) -> None:
-        if prefix:  # the root's call sees every key; its children's, their part
+        if LOADING.get():  # ckptmap.load_into is loading: its plan has mapped every key
             return
-        found = history.current(dict(state_dict))
+        # the hooked model may sit inside another (a Lightning module, a wrapper): its keys
+        # are those under its prefix
+        mine = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        found = history.current(mine)
+        if found.revision is None and found.alike:
+            raise HistoryError(
+                f"the state_dict matches {', '.join(found.alike)} alike: which revision it is "
+                "at cannot be told from its names and shapes",
+                code="CKM605",
+                hint="load it with ckptmap.load_into(model, state_dict, history, from_=REV)",
+            )
         if found.revision is None or found.revision == end:
-            return
-        plan = history.plan(dict(state_dict), end, from_=found.revision, model=module)
-        upgraded = apply_plan(plan, dict(state_dict))
+            return  # at no revision: torch's own strict check says what is wrong
+        plan = history.plan(mine, end, from_=found.revision, model=module)
+        upgraded = apply_plan(plan, mine)
         own = module.state_dict()
         for t in plan.targets or ():  # introduced with no fill: the model's own values
             if t.status == "initialized" and t.target not in upgraded and t.target in own:
                 upgraded[t.target] = own[t.target]
-        state_dict.clear()
-        state_dict.update(upgraded)
+        for k in [k for k in state_dict if k.startswith(prefix)]:
+            del state_dict[k]
+        state_dict.update((prefix + k, v) for k, v in upgraded.items())
 
     return model.register_load_state_dict_pre_hook(hook)
 
@@ -958,6 +1010,13 @@ def new_revision(
     from .rules import Revision
 
     folder = Path(folder)
+    if base is not None and schema is not None:
+        raise UsageError("--base is the first revision's schema; --target a later one's: one")
+    if folder.exists() and not folder.is_dir():
+        raise HistoryError(f"{folder}: not a folder", code="CKM601")
+    snapshot = base if base is not None else schema
+    # the schema is read before anything is written: a source that fails leaves nothing
+    meta = describe(snapshot, role="schema").meta if snapshot is not None else None
     if base is not None:
         if folder.is_dir() and any(_rule_files(folder)):
             raise HistoryError(
@@ -975,8 +1034,7 @@ def new_revision(
     node = Revision(rev, parents)  # checks the id
     step_file = folder / f"{rev}.ckmap"
     files = [step_file]
-    snapshot = base if base is not None else schema
-    if snapshot is not None:
+    if meta is not None:
         files.append(folder / f"{rev}{SCHEMA_SUFFIX}")
     for path in files:
         if rev in taken or path.exists():
@@ -984,8 +1042,8 @@ def new_revision(
     comment = " ".join(message.split()) or "(no message)"
     body = "" if base is not None else f"\n# the rules from {parents[0]}'s names to {rev}'s\n"
     text = f"ckptmap 1\n\n# {comment}\n{node.to_text()}\n{body}"
-    if snapshot is not None:
-        write_text_atomically(files[1], schema_text(rev, describe(snapshot, role="schema").meta))
+    if meta is not None:
+        write_text_atomically(files[1], schema_text(rev, meta))
     write_text_atomically(step_file, text)
     return files
 
@@ -999,7 +1057,7 @@ def _rule_files(folder: Path) -> list[Path]:
 
 
 def _slug(message: str) -> str:
-    words = "".join(c if c.isalnum() else " " for c in message.lower()).split()
+    words = "".join(c if c.isascii() and c.isalnum() else " " for c in message.lower()).split()
     return "-".join(words)[:40].strip("-") or "step"
 
 

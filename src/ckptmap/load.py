@@ -36,13 +36,16 @@ def load_into(
     on_unexpected: str | None = None,
     on_unused: str | None = None,
     transactional: bool = True,
+    from_: str | None = None,
 ) -> Report:
     """Plan, validate, load and freeze, all or nothing; return the Report.
 
     `source` is a state_dict or a checkpoint path; `rules` a Ruleset, Program,
     rule text or rule file Path, or a `History`: then the source's revision is found
     and it is loaded through the steps up to the revision whose schema the model has
-    (head when none has it). When validation fails, `PlanError` is raised
+    (head when none has it); `from_` names the source's revision when its stamp and
+    schema cannot (a history's steps keep their own policies: `on_…` go with rules).
+    When validation fails, `PlanError` is raised
     and the model's tensors and `requires_grad` flags are exactly as before.
 
     When anything fails during the load itself (a file cut short, a module's own
@@ -66,10 +69,7 @@ def load_into(
         "on_unexpected": on_unexpected,
         "on_unused": on_unused,
     }
-    if isinstance(rules, History):
-        plan = rules.plan_into(model, source)
-    else:
-        plan = compile(rules).plan(source, model, **policies)
+    plan = _plan_into(model, source, rules, policies, from_)
     plan.check()
     # Everything is checked before the first tensor is written: shapes and names (the
     # plan did), the source against the plan, and that each dtype can be copied over.
@@ -100,6 +100,21 @@ def load_into(
         if not param.requires_grad and name in decisions:
             frozen.append(name)
     return plan.report(frozen=frozen)
+
+
+def _plan_into(model: Any, source: Any, rules: Any, policies: dict, from_: str | None) -> Any:
+    """The plan of a load: from rules, or through a history's steps."""
+    if isinstance(rules, History):
+        given = [k for k, v in policies.items() if v is not None]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)}: a history's steps keep their own policies",
+                hint="write the policy into the step file (on missing warn)",
+            )
+        return rules.plan_into(model, source, from_=from_)
+    if from_ is not None:
+        raise UsageError("from_ names a revision: it goes with a History")
+    return compile(rules).plan(source, model, **policies)
 
 
 def migrate(
