@@ -273,3 +273,30 @@ def test_cli_suggest_end_to_end(tmp_path, monkeypatch):
     (tmp_path / "two.json").write_text(json.dumps({"p.weight": [4, 4], "q.weight": [4, 4]}))
     result = runner.invoke(app, ["suggest", "-s", "x.safetensors", "-t", "two.json"])
     assert result.exit_code == 1 and "# unresolved: source x.weight" in result.stdout
+
+
+def test_revision_autogenerate_writes_the_step_from_suggest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    save_file(HFLlama().state_dict(), tmp_path / "hf.safetensors")
+    (tmp_path / "titan.json").write_text(
+        json.dumps({k: list(v.shape) for k, v in TitanLlama().state_dict().items()})
+    )
+    assert (
+        runner.invoke(app, ["revision", "mig", "-m", "hf", "--base", "hf.safetensors"]).exit_code
+        == 0
+    )
+    result = runner.invoke(
+        app, ["revision", "mig", "-m", "torchtitan names", "--autogenerate", "-t", "titan.json"]
+    )
+    assert result.exit_code == 0, result.output
+    step = (tmp_path / "mig" / "0002-torchtitan-names.ckmap").read_text()
+    assert 'revision "0002-torchtitan-names" from "0001-hf"' in step
+    assert 'rename "layers.{i}.mlp.gate_proj" -> "layers.{i}.feed_forward.w1"' in step
+    assert "# 20 of 21 source keys start with model." in step  # the evidence, as comments
+    assert runner.invoke(app, ["check", "mig"]).exit_code == 0
+    result = runner.invoke(
+        app, ["upgrade", "hf.safetensors", "--history", "mig", "-o", "t.safetensors"]
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["revision", "mig", "-m", "x", "--autogenerate"])
+    assert result.exit_code == 2 and "--autogenerate writes the step" in result.output

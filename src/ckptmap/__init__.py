@@ -20,6 +20,7 @@ from .load import load_into, migrate
 from .plan import Plan
 from .report import Report
 from .rules import Ruleset
+from .suggest import Suggestion, suggest
 from .syntax import load_rules, parse
 from .version import __version__
 
@@ -36,6 +37,7 @@ __all__ = [
     "RuleCompileError",
     "RuleSyntaxError",
     "Ruleset",
+    "Suggestion",
     "UsageError",
     "__version__",
     "compile",
@@ -43,5 +45,6 @@ __all__ = [
     "load_rules",
     "migrate",
     "parse",
+    "suggest",
     "upgrade_on_load",
 ]

@@ -1056,7 +1056,7 @@ def revision(
     base: Annotated[
         str | None,
         typer.Option(
-            help="Start a history: the base revision and its schema, from a checkpoint or "
+            help="Start a history: the base revision and its schema, from a checkpoint, a {name: shape} JSON file or "
             "package.module:factory."
         ),
     ] = None,
@@ -1065,10 +1065,14 @@ def revision(
         typer.Option(
             "--target",
             "-t",
-            help="The new revision's schema, from a checkpoint or package.module:factory "
+            help="The new revision's schema, from a checkpoint, a {name: shape} JSON file or package.module:factory "
             "(needed when the step adds tensors).",
         ),
     ] = None,
+    autogenerate: Annotated[
+        bool,
+        typer.Option(help="Fill the step's rules with `suggest` from the head's schema to -t's."),
+    ] = False,
 ) -> None:
     """Write a new step file whose parent is the head (the rules are left for you), or with
     --base the first revision of a new history and its schema snapshot."""
@@ -1080,18 +1084,14 @@ def revision(
             folder,
             message,
             rev_id,
-            base=_schema_source(base) if base else None,
-            schema=_schema_source(target) if target else None,
+            base=_target(base) if base else None,
+            schema=_target(target) if target else None,
+            autogenerate=autogenerate,
         )
         for path in written:
             out().print(f"wrote {path}", markup=False)
 
     _run(body)
-
-
-def _schema_source(spec: str) -> Any:
-    """A checkpoint path, or a factory built on the meta device: names, shapes, dtypes."""
-    return Path(spec) if Path(spec).exists() or ":" not in spec else _build_model(spec)
 
 
 @app.command()

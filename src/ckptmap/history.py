@@ -1002,16 +1002,21 @@ def new_revision(
     *,
     base: Any = None,
     schema: Any = None,
+    autogenerate: bool = False,
 ) -> list[Path]:
     """Write a new step file (`revision "ID" from "HEAD"`, its rules left for the author)
     or, with `base` (a checkpoint path, state_dict or nn.Module), the first revision of a
     new history and its schema snapshot. `schema` snapshots the new revision's schema (a
-    step that adds tensors needs one). Returns the files written; none is ever replaced."""
+    step that adds tensors needs one). `autogenerate` fills the step's body with what
+    `suggest` finds from the head's schema to `schema`'s, its evidence as comments, as
+    Alembic's autogenerate does. Returns the files written; none is ever replaced."""
     from .rules import Revision
 
     folder = Path(folder)
     if base is not None and schema is not None:
         raise UsageError("--base is the first revision's schema; --target a later one's: one")
+    if autogenerate and schema is None:
+        raise UsageError("--autogenerate writes the step from the head's schema to --target's")
     if folder.exists() and not folder.is_dir():
         raise HistoryError(f"{folder}: not a folder", code="CKM601")
     snapshot = base if base is not None else schema
@@ -1041,6 +1046,12 @@ def new_revision(
             raise HistoryError(f"{path}: revision {rev!r} is already taken", code="CKM608")
     comment = " ".join(message.split()) or "(no message)"
     body = "" if base is not None else f"\n# the rules from {parents[0]}'s names to {rev}'s\n"
+    if autogenerate and meta is not None:
+        from .suggest import suggest
+
+        found = suggest(hist.schema(hist.head), meta)
+        body = f"\n# suggested from {parents[0]}'s schema to {rev}'s: check each rule\n"
+        body += found.body()
     text = f"ckptmap 1\n\n# {comment}\n{node.to_text()}\n{body}"
     if meta is not None:
         write_text_atomically(files[1], schema_text(rev, meta))

@@ -108,6 +108,8 @@ SEGMENTS = {
     "self_attention": "attn",
     "feed_forward": "mlp",
     "ffn": "mlp",
+    "moe": "mlp",
+    "block_sparse_moe": "mlp",
     "gamma": "weight",
     "beta": "bias",
     "kernel": "weight",
@@ -173,12 +175,12 @@ class Suggestion:
         return self.plan.ok and not self.unresolved
 
     def to_text(self) -> str:
-        lines = [
-            "ckptmap 1",
-            "",
-            "# suggested by `ckptmap suggest`: check each rule's evidence",
-            "",
-        ]
+        intro = "ckptmap 1\n\n# suggested by `ckptmap suggest`: check each rule's evidence\n\n"
+        return intro + self.body()
+
+    def body(self) -> str:
+        """The rules with their evidence as comments, and the unresolved keys (no header)."""
+        lines = []
         for s in self.suggested:
             sure = "" if s.confidence == "certain" else f" [{s.confidence}]"
             lines.append(f"# {s.evidence}{sure}")
@@ -258,8 +260,7 @@ def _canonical(template: tuple[str, ...]) -> list[str]:
     """Each segment as the one word it means here (numbers kept as `{}`)."""
     out: list[str] = []
     for k, seg in enumerate(template):
-        parent = out[-1] if out else ""
-        if seg in LLAMA_MLP and parent == "mlp":  # Meta's and torchtitan's feed_forward.w1..w3
+        if seg in LLAMA_MLP and "mlp" in out:  # Meta's, torchtitan's, Mixtral's w1..w3
             out.append(LLAMA_MLP[seg])
         elif seg in SEGMENTS:
             out.append(SEGMENTS[seg])
@@ -299,7 +300,9 @@ def _alike(a: tuple[str, ...], b: tuple[str, ...]) -> float:
 
 def _text(template: tuple[str, ...], idx_sets: Iterable[tuple[str, ...]] = ()) -> str:
     """`h.{0..11}.attn.c_attn.weight`: a template as people read it."""
-    keys = [_fill(template, idx) for idx in idx_sets] or [".".join(template)]
+    keys = [_fill(template, idx) for idx in idx_sets] or [
+        ".".join("*" if s == "{}" else s for s in template)
+    ]
     return ", ".join(k for k, _ in collapse_keys(keys))
 
 
@@ -346,6 +349,7 @@ class _Engine:
         self.evidence: dict[tuple[str, ...], tuple] = {}  # target template -> how it was met
         self.skips: list[str] = []
         self.inits: list[str] = []
+        self.contested: set[str] = set()  # target keys an unresolved source could go to
         self.shifted = False
 
     def meta(self, current: str) -> TensorMeta:
@@ -540,10 +544,12 @@ class _Engine:
         self._square_layouts()
         for a, cands in fits.items():  # what several targets fit equally, or too weakly
             if cands:
-                ranked = sorted(cands.items(), key=lambda kv: -kv[1][0])[:3]
+                ranked = sorted(cands.items(), key=lambda kv: (-kv[1][0], kv[0]))[:3]
                 self.pending_source[a] = [
                     f"{_text(b, tgt[b].keys)} ({s:.2f})" for b, (s, _) in ranked
                 ]
+                for b in cands:  # a candidate is no new tensor: it is unresolved too
+                    self.contested.update(tgt[b].names())
 
     def _take(
         self, ga: _Group, gb: _Group, mode: str, score: float, others: dict, rivals: dict
@@ -745,7 +751,7 @@ class _Engine:
                 )
                 flagged.update(keys)
         self.skips = [n for n in left_src if n not in flagged]
-        self.inits = left_tgt
+        self.inits = [t for t in left_tgt if t not in self.contested]
 
     # --- the file ---
     def rules(self, fold: bool = True) -> list[Suggested]:
