@@ -25,7 +25,7 @@ from models import (
     TitanLlama,
     wrapped,
 )
-from safetensors.torch import save_file
+from safetensors.torch import save_file, save_model
 from torch import nn
 from typer.testing import CliRunner
 
@@ -300,3 +300,15 @@ def test_revision_autogenerate_writes_the_step_from_suggest(tmp_path, monkeypatc
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["revision", "mig", "-m", "x", "--autogenerate"])
     assert result.exit_code == 2 and "--autogenerate writes the step" in result.output
+
+
+def test_cli_suggest_golden(tmp_path, monkeypatch, golden):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    save_model(HFGPT2(), str(tmp_path / "gpt2.safetensors"))  # the tied head stored once
+    (tmp_path / "linear.json").write_text(
+        json.dumps({k: list(v.shape) for k, v in LinearGPT2().state_dict().items()})
+    )
+    result = runner.invoke(app, ["suggest", "-s", "gpt2.safetensors", "-t", "linear.json"])
+    assert result.exit_code == 0, result.output
+    golden("cli_suggest.txt", result.output)

@@ -764,7 +764,12 @@ class _Engine:
             out.append(
                 Suggested(
                     Transform(b, (OpCall("transpose", (0, 1)),)),
-                    f"{b}: the source stores it {list(m.shape)[::-1]}, the target {list(m.shape)}",
+                    f"{b}: the source stores it {list(m.shape)[::-1]}, the target {list(m.shape)}"
+                    + (
+                        " (square: taken to be stored transposed like its layer's other weights)"
+                        if m.shape[0] == m.shape[1]
+                        else ""
+                    ),
                     1,
                     "certain" if m.shape[0] != m.shape[1] else "likely",
                 )
