@@ -229,17 +229,18 @@ def test_a_file_at_a_revision_is_complete_for_it(tmp_path):
     )
 
 
-def test_tensors_no_fill_and_no_model_can_make_are_refused(tmp_path):
+def adding(tmp_path: Path, key: str, body: str) -> History:
+    """A history whose one step (`body`) adds `key` [3] to v1, with v1 saved beside it."""
     v1 = meta_of(v1_state())
-    v2 = dict(v1) | {"extra.w": TensorMeta((3,), "float32")}
-    h = History(
-        write_history(
-            tmp_path / "m",
-            [("v1", (), ""), ("v2", ("v1",), 'init "extra"\n')],
-            {"v1": v1, "v2": v2},
-        )
-    )
+    v2 = dict(v1) | {key: TensorMeta((3,), "float32")}
     save_file(v1_state(), tmp_path / "v1.safetensors")
+    steps = [("v1", (), ""), ("v2", ("v1",), body)]
+    return History(write_history(tmp_path / "m", steps, {"v1": v1, "v2": v2}))
+
+
+def test_tensors_no_fill_and_no_model_can_make_are_refused(tmp_path):
+    h = adding(tmp_path, "extra.w", 'init "extra"\n')
+    v2 = h.schema("v2")
     with pytest.raises(ckptmap.HistoryError) as e:
         h.write(tmp_path / "v1.safetensors", tmp_path / "v2.safetensors")
     assert e.value.code == "CKM606", e.value.render()
@@ -806,16 +807,7 @@ def test_a_bf16_copy_is_at_its_revision_and_upgrades_to_a_loadable_file(tmp_path
 
 
 def test_a_relaxed_step_policy_never_leaves_a_file_incomplete(tmp_path):
-    v1 = meta_of(v1_state())
-    v2 = dict(v1) | {"c.weight": TensorMeta((3,), "float32")}
-    h = History(
-        write_history(
-            tmp_path / "m",
-            [("v1", (), ""), ("v2", ("v1",), "on missing warn\n")],
-            {"v1": v1, "v2": v2},
-        )
-    )
-    save_file(v1_state(), tmp_path / "v1.safetensors")
+    h = adding(tmp_path, "c.weight", "on missing warn\n")
     with pytest.raises(ckptmap.HistoryError) as e:
         h.write(tmp_path / "v1.safetensors", tmp_path / "v2.safetensors")
     assert e.value.code == "CKM606" and e.value.details == [

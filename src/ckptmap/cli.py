@@ -552,24 +552,8 @@ def apply(
     header (or read from --plan) and inverted entry by entry.
     """
 
-    _run(
-        lambda: _apply(
-            rules,
-            source,
-            out_path,
-            target,
-            select,
-            max_shard_size,
-            hash_source,
-            report,
-            overwrite,
-            strict,
-            reverse,
-            original,
-            saved_plan,
-            allow_lossy,
-        )
-    )
+    options = dict(locals())  # every option, by name, for the body
+    _run(lambda: _apply(**options))
 
 
 def _apply(
