@@ -149,7 +149,59 @@ def cases():
     yield "layer-added-in-the-middle", before, _sequential(extra=True), shift, None
 
 
-CASES = list(cases())
+def hf_cases():
+    """Pairs from the real Hugging Face classes, built from small configs (no download)."""
+    from transformers import (
+        BertConfig,
+        BertModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=2,
+            n_embd=16,
+            n_head=4,
+            vocab_size=50,
+            n_positions=32,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
+    # nanoGPT computes GELU exactly, Hugging Face with tanh: the weights agree, not outputs
+    yield "transformers-gpt2-to-nanogpt", gpt2, NanoGPT(), _same(gpt2.state_dict()), None
+    config = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, vocab_size=64)
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            **config, num_attention_heads=4, num_key_value_heads=4, bos_token_id=0, eos_token_id=0
+        )
+    )
+    yield "transformers-llama-to-torchtitan", llama, TitanLlama(), _llama_truth(TITAN), None
+    bert_config = BertConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        vocab_size=40,
+    )
+    bert = BertModel(bert_config).eval()
+    legacy = {  # a TF-converted checkpoint's LayerNorm names
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta"
+        ): v
+        for k, v in bert.state_dict().items()
+    }
+    truth = {k: k.replace("gamma", "weight").replace("beta", "bias") for k in legacy}
+    yield "transformers-bert-legacy-gamma-beta", legacy, BertModel(bert_config), truth, bert
+
+
+CASES = list(cases()) + list(hf_cases())
 
 
 def _inputs(name: str, model: nn.Module) -> torch.Tensor:
@@ -159,6 +211,8 @@ def _inputs(name: str, model: nn.Module) -> torch.Tensor:
         return torch.randn(3, 8)
     if "gqa" in name:
         return torch.randn(2, 5, 32)
+    if "transformers-bert" in name:
+        return torch.randint(0, 40, (2, 7))
     return torch.randint(0, 40, (2, 7))
 
 
@@ -187,7 +241,10 @@ def test_suggest_on_the_corpus(case):
         assert report.accounts_for(sd, target.state_dict())
         model.eval(), target.eval()
         with torch.no_grad():
-            torch.testing.assert_close(target(x), model(x), rtol=1e-5, atol=1e-5)
+            got, want = target(x), model(x)
+            if hasattr(got, "last_hidden_state"):  # a Hugging Face model's output
+                got, want = got.last_hidden_state, want.last_hidden_state
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_recall_over_the_corpus():
