@@ -234,7 +234,7 @@ def test_suggest_on_the_corpus(case):
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(text)
     assert text == golden.read_text(), f"{golden.name} differs (UPDATE_GOLDEN=1 to accept)"
-    if model is not None:  # equivalent models: the suggested rules give the same outputs
+    if model is not None and found.ok:  # equivalent models: the rules give the same outputs
         torch.manual_seed(1)
         x = _inputs(name, model)
         report = ckptmap.load_into(target, sd, found.rules)
@@ -255,6 +255,7 @@ def test_recall_over_the_corpus():
         found_total += sum(1 for k, v in found.mapping.items() if truth.get(k) == v)
         truth_total += len(truth)
         del name
+    print(f"recall {found_total}/{truth_total} = {found_total / truth_total:.3f}")
     assert found_total / truth_total >= 0.95, (found_total, truth_total)
 
 
@@ -369,3 +370,139 @@ def test_cli_suggest_golden(tmp_path, monkeypatch, golden):
     result = runner.invoke(app, ["suggest", "-s", "gpt2.safetensors", "-t", "linear.json"])
     assert result.exit_code == 0, result.output
     golden("cli_suggest.txt", result.output)
+
+
+def _shapes(**groups):
+    return {k: torch.zeros(v) if isinstance(v, tuple) else v for k, v in groups.items()}
+
+
+HOSTILE = [  # (what, source, target, every mapping allowed): nothing else may be emitted
+    (
+        "a lone same-shape target with unrelated names",
+        {"x.weight": [8, 8]},
+        {"totally_new_thing.weight": [8, 8]},
+        {},
+    ),
+    (
+        "an integer counter onto a float of the same shape",
+        {"bn.num_batches_tracked": torch.zeros((), dtype=torch.int64)},
+        {"logit_scale": torch.zeros(())},
+        {},
+    ),
+    (
+        "sizes that add up by chance are no fused tensor",
+        {
+            f"blocks.{i}.adapter.{x}.weight": [16, 16]
+            for i in range(2)
+            for x in ("down", "mid", "up2")
+        }
+        | {f"blocks.{i}.fc.weight": [16, 16] for i in range(2)},
+        {f"blocks.{i}.fc.weight": [16, 16] for i in range(2)}
+        | {f"blocks.{i}.router.weight": [48, 16] for i in range(2)},
+        {f"blocks.{i}.fc.weight": f"blocks.{i}.fc.weight" for i in range(2)},
+    ),
+    (
+        "self- and cross-attention pieces are not one fused tensor",
+        {
+            f"layers.0.{m}.{p}_proj.weight": [8, 8]
+            for m in ("self_attn", "encoder_attn")
+            for p in "qkv"
+        },
+        {
+            "layers.0.self_attn.qkv.weight": [24, 8],
+            "layers.0.cross_attn.q.weight": [8, 8],
+            "layers.0.cross_attn.kv.weight": [16, 8],
+        },
+        {f"layers.0.self_attn.{p}_proj.weight": "layers.0.self_attn.qkv.weight" for p in "qkv"},
+    ),
+    (
+        "a stack needs its names to say so",
+        {f"blocks.{i}.ls1.gamma": [16] for i in range(4)},
+        {"register_tokens": [4, 16]},
+        {},
+    ),
+    (
+        "three decoder norms, no synonym to tell them",
+        {f"layers.0.norm{i}.weight": [8] for i in (1, 2, 3)},
+        {
+            f"layers.0.{n}.weight": [8]
+            for n in ("attention_norm", "cross_attention_norm", "ffn_norm")
+        },
+        {},
+    ),
+    (
+        "w1, w2, w3 outside Meta's feed_forward mean nothing",
+        {"ffn.w1.weight": [32, 16], "ffn.w2.weight": [32, 16], "ffn.w3.weight": [16, 32]},
+        {
+            "mlp.gate_proj.weight": [32, 16],
+            "mlp.up_proj.weight": [32, 16],
+            "mlp.down_proj.weight": [16, 32],
+        },
+        {"ffn.w3.weight": "mlp.down_proj.weight"},
+    ),
+    (
+        "two towers meet the target alike: no wrapper is guessed",
+        {f"{t}.layers.{i}.fc.weight": [16, 16] for t in ("encoder", "decoder") for i in range(2)},
+        {f"layers.{i}.fc.weight": [16, 16] for i in range(2)},
+        {},
+    ),
+    (
+        "an entry removed among entries alike",
+        {"features.0.weight": [8, 8], "features.1.weight": [8, 8], "features.2.weight": [16, 8]},
+        {"features.0.weight": [8, 8], "features.1.weight": [16, 8]},
+        {},
+    ),
+    (
+        "a rename that starts with a number moves only what it should",
+        {"0.conv.weight": [4, 4], "1.conv.weight": [4, 4]},
+        {"0.conv2d.weight": [4, 4], "1.conv.weight": [4, 4]},
+        {"0.conv.weight": "0.conv2d.weight", "1.conv.weight": "1.conv.weight"},
+    ),
+    (
+        "four layers onto two: unresolved, not skipped and initialized",
+        {f"transformer.h.{i}.mlp.c_fc.weight": [8, 4] for i in range(4)},
+        {f"blocks.{i}.mlp.fc1.weight": [8, 4] for i in range(2)},
+        {},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "source", "target", "allowed"), HOSTILE, ids=[h[0] for h in HOSTILE]
+)
+def test_suggest_never_emits_a_mapping_it_cannot_stand_behind(what, source, target, allowed):
+    for order in (1, -1):  # and the same whatever order the keys come in
+        src = dict(list(source.items())[::order])
+        found = suggest(src, target)
+        wrong = {k: v for k, v in found.mapping.items() if allowed.get(k) != v}
+        assert not wrong, f"{what}: {wrong}\n{found.to_text()}"
+        assert ckptmap.parse(found.to_text()) == found.rules
+
+
+def test_a_square_weight_beside_transposed_ones_is_not_guessed():
+    src = {
+        "h.0.attn.c_attn.weight": [16, 48],
+        "h.0.mlp.c_fc.weight": [16, 64],
+        "h.0.adapter.weight": [16, 16],
+    }
+    tgt = {
+        "h.0.attn.c_attn.weight": [48, 16],
+        "h.0.mlp.c_fc.weight": [64, 16],
+        "h.0.adapter.weight": [16, 16],
+    }
+    found = suggest(src, tgt)
+    assert "h.0.adapter.weight" not in found.mapping and not found.ok
+    assert not any("adapter" in s.statement.to_text() for s in found.suggested)
+
+
+def test_names_that_would_collide_and_odd_keys():
+    with pytest.raises(ckptmap.UsageError, match="makes one name of"):
+        suggest({"a.x": [1], "b.x": [1]}, {"x": [1]}, hints=['/[ab]\\.(.*)/ -> "{1}"'])
+    with pytest.raises(ckptmap.UsageError, match="matches no source key"):
+        suggest({"a.x": [1]}, {"b.x": [1]}, hints=["zzz -> y"])
+    with pytest.raises(ckptmap.UsageError, match="is no rename"):
+        suggest({"a.x": [1]}, {"b.x": [1]}, hints=['a -> "b'])
+    odd = {'enc\nfreeze "b"\n#.weight': [4], "head.weight": [2]}
+    found = suggest(odd, {"encoder.weight": [4], "head.weight": [2]})
+    assert ckptmap.parse(found.to_text()) == found.rules  # a key's line break stays escaped
+    assert not any(type(r).__name__ == "Freeze" for r in ckptmap.parse(found.to_text()).rules)

@@ -810,7 +810,7 @@ def suggest(
             console.print(found.to_text(), markup=False, end="")
         if out_path is not None:
             write_text_atomically(out_path, found.to_text())
-            console.print(f"wrote {out_path}", markup=False)
+            (err() if json_out else console).print(f"wrote {out_path}", markup=False)
         said = err() if out_path is None and not json_out else console
         if not json_out:
             said.print(found.summary(), markup=False)

@@ -25,6 +25,7 @@ The engine, in passes over the keys:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import defaultdict
@@ -49,6 +50,7 @@ from .rules import (
     Statement,
     Strip,
     Transform,
+    quote,
 )
 from .statements import compile_rule
 
@@ -60,11 +62,9 @@ SEGMENTS = {
     "input_layernorm": "attn_norm",
     "attention_norm": "attn_norm",
     "ln_1": "attn_norm",
-    "norm1": "attn_norm",
     "post_attention_layernorm": "mlp_norm",
     "ffn_norm": "mlp_norm",
     "ln_2": "mlp_norm",
-    "norm2": "mlp_norm",
     "ln_f": "final_norm",
     "embed_tokens": "embed",
     "tok_embeddings": "embed",
@@ -119,6 +119,7 @@ SEGMENTS = {
 }
 # Meta's Llama and torchtitan name the feed-forward's three weights by number
 LLAMA_MLP = {"w1": "gate", "w2": "down", "w3": "up"}
+LLAMA_MLP_PARENTS = frozenset({"feed_forward", "experts"})  # torchtitan's, Mixtral's
 # the order of the members of a fused tensor, when names say it
 FUSED_ORDER = {"q": 0, "k": 1, "v": 2, "gate": 0, "up": 1}
 MARGIN = 0.1  # how much better the best candidate must be than the next one
@@ -167,12 +168,16 @@ class Suggestion:
 
     @property
     def mapping(self) -> dict[str, str]:
-        """Source key -> the target key it is loaded into (merged: the merged tensor)."""
-        return self.plan.mapping
+        """Source key -> the target key the suggestion loads it into (merged: the merged
+        tensor); keys listed as unresolved are not in it, whatever the plan would do."""
+        flagged = {k for u in self.unresolved if u.side == "source" for k in u.keys}
+        return {k: v for k, v in self.plan.mapping.items() if k not in flagged}
 
     @property
     def ok(self) -> bool:
-        return self.plan.ok and not self.unresolved
+        """Nothing unresolved, and the verifying plan clean: no problem, and no key left
+        missing or unexpected (verification only warns of those, to show them)."""
+        return self.plan.ok and not self.unresolved and not self.plan.warnings
 
     def to_text(self) -> str:
         intro = "ckptmap 1\n\n# suggested by `ckptmap suggest`: check each rule's evidence\n\n"
@@ -183,10 +188,10 @@ class Suggestion:
         lines = []
         for s in self.suggested:
             sure = "" if s.confidence == "certain" else f" [{s.confidence}]"
-            lines.append(f"# {s.evidence}{sure}")
+            lines.append(f"# {_one_line(s.evidence)}{sure}")
             lines.append(s.statement.to_text())
         for u in self.unresolved:
-            lines.append(f"# unresolved: {u}")
+            lines.append(f"# unresolved: {_one_line(str(u))}")
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> str:
@@ -238,13 +243,33 @@ def suggest(source: Any, target: Any, hints: Iterable[str] = ()) -> Suggestion:
     return engine.verified()
 
 
+def _one_line(text: str) -> str:
+    """A comment stays one line whatever a key name holds (a line break would start a
+    statement of its own in the file)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def _hint(text: str) -> Rename:
+    """A hint is a rename as the language writes it (`"old" -> "new"`, `/re/ -> "..."`),
+    or bare words `old -> new`."""
+    from .errors import RuleSyntaxError
+    from .syntax import parse
+
     if not isinstance(text, str) or "->" not in text:
         raise UsageError(f"a hint is 'old -> new' (a rename), not {text!r}", code="CKM001")
-    old, new = (part.strip().strip('"') for part in text.split("->", 1))
-    if not old or not new:
-        raise UsageError(f"a hint is 'old -> new' (a rename), not {text!r}", code="CKM001")
-    return Rename(old, new)
+    old, new = (part.strip() for part in text.split("->", 1))
+    if old[:1] not in ('"', "/"):
+        old = quote(old)
+    if new[:1] != '"':
+        new = quote(new)
+    try:
+        rules = parse(f"rename {old} -> {new}\n").rules
+    except (RuleSyntaxError, ValueError) as e:
+        message = e.message if isinstance(e, RuleSyntaxError) else str(e)
+        raise UsageError(f"the hint {text!r} is no rename: {message}", code="CKM001") from None
+    if len(rules) != 1 or not isinstance(rules[0], Rename):
+        raise UsageError(f"the hint {text!r} is one rename, 'old -> new'", code="CKM001")
+    return rules[0]
 
 
 # --- names ----------------------------------------------------------------------------------
@@ -256,21 +281,21 @@ def _template(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple("{}" if s.isdigit() else s for s in segs), tuple(s for s in segs if s.isdigit())
 
 
-def _canonical(template: tuple[str, ...]) -> list[str]:
+@functools.lru_cache(maxsize=65536)
+def _canonical(template: tuple[str, ...]) -> tuple[str, ...]:
     """Each segment as the one word it means here (numbers kept as `{}`)."""
     out: list[str] = []
     for k, seg in enumerate(template):
-        if seg in LLAMA_MLP and "mlp" in out:  # Meta's, torchtitan's, Mixtral's w1..w3
+        if seg in LLAMA_MLP and k and template[k - 1] in LLAMA_MLP_PARENTS:  # Meta's w1..w3
             out.append(LLAMA_MLP[seg])
         elif seg in SEGMENTS:
             out.append(SEGMENTS[seg])
         else:
             out.append("_".join(SEGMENTS.get(t, t) for t in seg.split("_")))
-        del k
-    return out
+    return tuple(out)
 
 
-def _tokens(canonical: list[str]) -> dict[str, float]:
+def _tokens(canonical: tuple[str, ...]) -> dict[str, float]:
     """The words of a template, weighted: the leaf counts most."""
     out: dict[str, float] = {}
     words = [s for s in canonical if s != "{}"]
@@ -350,6 +375,7 @@ class _Engine:
         self.skips: list[str] = []
         self.inits: list[str] = []
         self.contested: set[str] = set()  # target keys an unresolved source could go to
+        self.flagged: set[str] = set()  # source keys already said to be unresolved
         self.shifted = False
 
     def meta(self, current: str) -> TensorMeta:
@@ -358,7 +384,10 @@ class _Engine:
     # --- passes ---
     def run(self) -> None:
         for hint in self.hints:
+            before = dict(self.names)
             self._apply(hint, f"your hint: {hint.to_text()}")
+            if self.names.keys() == before.keys():
+                raise UsageError(f"the hint {hint.to_text()} matches no source key", code="CKM001")
         self._wrappers()
         self._exact()
         self._shifts()
@@ -368,10 +397,16 @@ class _Engine:
 
     def _apply(self, statement: Statement, evidence: str, keys: int | None = None) -> None:
         rule = compile_rule(0, statement)
-        renamed = {}
+        renamed: dict[str, str] = {}
         for current, original in self.names.items():
             new = rule.step(current)
-            renamed[new if isinstance(new, str) else current] = original
+            name = new if isinstance(new, str) else current
+            if name in renamed:
+                raise UsageError(
+                    f"{statement.to_text()} makes one name of {renamed[name]} and {original}",
+                    code="CKM001",
+                )
+            renamed[name] = original
         moved = sum(1 for a, b in zip(self.names, renamed, strict=True) if a != b)
         self.names = renamed
         self.out.append(Suggested(statement, evidence, moved if keys is None else keys))
@@ -386,13 +421,15 @@ class _Engine:
         """Whole leading segments stripped or added while that makes more names meet."""
         for _ in range(4):
             here = self._overlap(self.names)
-            best: tuple[int, Statement, str] | None = None
+            scored: list[tuple[int, str, Statement, str]] = []
             for statement, why in self._wrapper_candidates():
                 rule = compile_rule(0, statement)
                 moved = {}
                 for n in self.names:
                     new = rule.step(n)
                     moved[new if isinstance(new, str) else n] = n
+                if len(moved) < len(self.names):
+                    continue  # two names would become one
                 gain = (
                     sum(
                         1
@@ -401,16 +438,21 @@ class _Engine:
                     )
                     - here
                 )
-                # the most names met; of as many, the longest prefix (both wrappers at once)
-                if gain > 0 and (
-                    best is None
-                    or gain > best[0]
-                    or (gain == best[0] and len(statement.to_text()) > len(best[1].to_text()))
-                ):
-                    best = (gain, statement, why)
-            if best is None:
+                if gain > 0:
+                    scored.append((gain, statement.to_text(), statement, why))
+            if not scored:
                 return
-            self._apply(best[1], best[2])
+            # the most names met; of as many, the longest prefix (both wrappers at once)
+            scored.sort(key=lambda t: (-t[0], -len(t[1]), t[1]))
+            top = scored[0]
+            rivals = [t for t in scored[1:] if t[0] == top[0] and not _nested(t[2], top[2])]
+            if rivals:  # two towers (encoder., decoder.) meet the target alike: no guess
+                self.notes.append(
+                    f"{top[1]} and {rivals[0][1]} would each meet {top[0]} target keys: "
+                    "which wrapper to take cannot be told"
+                )
+                return
+            self._apply(top[2], top[3])
 
     def _wrapper_candidates(self) -> list[tuple[Statement, str]]:
         src_first = _first_segments(self.names)
@@ -475,11 +517,30 @@ class _Engine:
             n, m = len(a_sig), len(b_sig)
             backward = {n - 1 - i: m - 1 - j for i, j in backward.items()}
             where = ".".join(prefix)
-            if forward != backward:
-                moved = [f"{where}.{a_idx[i]}" for i in forward if a_idx[i] != b_idx[forward[i]]]
-                self.notes.append(
-                    f"{where}: entries were added or removed, and entries alike make the "
-                    f"alignment ambiguous ({', '.join(moved[:4]) or 'several ways'})"
+            # an entry added or removed must be unlike every other: among entries alike,
+            # which one went cannot be told
+            lone = [a_sig[i] for i in range(n) if i not in forward]
+            lone += [b_sig[j] for j in range(m) if j not in forward.values()]
+            alike = any(a_sig.count(g) + b_sig.count(g) > 1 for g in lone)
+            under = [".".join((*prefix, i, *suffix)) for i in a_idx for suffix, _ in src[i]]
+            for key in under:  # the names alone may have paired these: undone either way
+                old = self.pairs.pop(key, None)
+                if old is not None:
+                    self.taken.discard(old)
+                    self.transposed.discard(old)
+            if forward != backward or alike:
+                self.unresolved.append(
+                    Unresolved(
+                        under,
+                        "source",
+                        [f"{where}.{{{b_idx[0]}..{b_idx[-1]}}}"] if b_idx else [],
+                        f"{where} has {n} entries, the target's {m}, and entries alike "
+                        "make it impossible to tell which were added or removed",
+                    )
+                )
+                self.flagged.update(under)
+                self.contested.update(
+                    ".".join((*prefix, j, *suffix)) for j in b_idx for suffix, _ in tgt[j]
                 )
                 continue
             moves = [
@@ -487,11 +548,6 @@ class _Engine:
                 for i, j in forward.items()
                 for suffix, _ in src[a_idx[i]]
             ]
-            for key_a, _ in moves:  # what the names alone had paired, undone first
-                old = self.pairs.pop(key_a, None)
-                if old is not None:
-                    self.taken.discard(old)
-                    self.transposed.discard(old)
             for key_a, key_b in moves:
                 self.pairs[key_a] = key_b
                 self.taken.add(key_b)
@@ -512,43 +568,94 @@ class _Engine:
         return groups
 
     def _templates(self) -> None:
-        src = self._groups((n for n in self.names if n not in self.pairs), self.meta)
-        tgt = self._groups((t for t in self.tgt if t not in self.taken), self.tgt.__getitem__)
-        fits: dict[tuple, dict[tuple, tuple[float, str]]] = defaultdict(dict)
+        """Source templates met with target templates: the same indices and shapes (kept,
+        else transposed), some word in common beyond `weight`/`bias`, and each the other's
+        clear best among all that fit (never a pair left over once the others are taken)."""
+        left = (n for n in self.names if n not in self.pairs and n not in self.flagged)
+        src = self._groups(left, self.meta)
+        tgt = self._groups(
+            (t for t in self.tgt if t not in self.taken and t not in self.contested),
+            self.tgt.__getitem__,
+        )
+        fits = self._fits(src, tgt)
         by_target: dict[tuple, dict[tuple, tuple[float, str]]] = defaultdict(dict)
-        for a, ga in src.items():
-            for b, gb in tgt.items():
-                mode = _fit(ga, gb)
-                if mode is not None:
-                    # kept shapes are evidence too: a transposed fit counts for less
-                    score = _alike(a, b) - (0.15 if mode == "transpose" else 0.0)
-                    fits[a][b] = (score, mode)
-                    by_target[b][a] = (score, mode)
-        progress = True
-        while progress:
-            progress = False
-            for a in list(fits):
-                if not fits[a]:
-                    continue
-                b, (score, mode) = max(fits[a].items(), key=lambda kv: kv[1][0])
-                if not _clear_best(fits[a], b) or not _clear_best(by_target[b], a):
-                    continue
-                if score < FLOOR and not (len(fits[a]) == 1 and len(by_target[b]) == 1):
-                    continue
-                self._take(src[a], tgt[b], mode, score, fits[a], by_target[b])
-                for other in by_target.pop(b):
-                    fits[other].pop(b, None)
-                for other in fits.pop(a):
-                    by_target[other].pop(a, None)
-                progress = True
+        for a, cands in fits.items():
+            for b, fit in cands.items():
+                by_target[b][a] = fit
+        for a, cands in fits.items():
+            if not cands:
+                continue
+            b, (score, mode) = max(cands.items(), key=lambda kv: (kv[1][0], kv[0]))
+            if score < FLOOR or not _clear_best(cands, b) or not _clear_best(by_target[b], a):
+                continue
+            if not _words_in_common(a, b):
+                continue  # shapes alone, or only `.weight`: no evidence of the same tensor
+            self._take(src[a], tgt[b], mode, score, cands, by_target[b])
         self._square_layouts()
-        for a, cands in fits.items():  # what several targets fit equally, or too weakly
-            if cands:
+        taken_src = set(self.pairs)
+        for a, cands in fits.items():  # what several targets fit alike, or too weakly
+            if cands and _fill(a, next(iter(src[a].keys))) not in taken_src:
                 ranked = sorted(cands.items(), key=lambda kv: (-kv[1][0], kv[0]))[:3]
                 self.pending_source[a] = [
                     f"{_text(b, tgt[b].keys)} ({s:.2f})" for b, (s, _) in ranked
                 ]
                 for b in cands:  # a candidate is no new tensor: it is unresolved too
+                    self.contested.update(tgt[b].names())
+        self._renumbered(src, tgt, taken_src)
+
+    def _fits(self, src: dict, tgt: dict) -> dict[tuple, dict[tuple, tuple[float, str]]]:
+        """For each source template, the target templates its tensors fit, scored. Found
+        through an index (shapes, then words), not by trying every pair."""
+        # (shapes, word) -> target templates: a candidate shares the shapes and a word
+        index: dict[tuple[Any, str], list[tuple]] = defaultdict(list)
+        for b, gb in tgt.items():
+            for word in _words(b) or {""}:
+                index[(_signature(gb), word)].append(b)
+
+        by_shapes: dict[Any, list[tuple]] = defaultdict(list)
+        for b, gb in tgt.items():
+            by_shapes[_signature(gb)].append(b)
+
+        def near(ga: _Group, a: tuple, transposed: bool) -> list[tuple]:
+            sig = _signature(ga, transposed)
+            found = {b for w in (_words(a) or {""}) for b in index.get((sig, w), ())}
+            # with no word in common, the shapes' fits still make it unresolved, not new
+            return sorted(found) or by_shapes.get(sig, [])[:8]
+
+        fits: dict[tuple, dict[tuple, tuple[float, str]]] = {}
+        for a, ga in src.items():
+            cands: dict[tuple, tuple[float, str]] = {}
+            for b in near(ga, a, False):
+                if _fit(ga, tgt[b]) == "same" and _same_dtypes(ga, tgt[b]):
+                    cands[b] = (_alike(a, b), "same")
+            if not cands:  # a transposed layout only where no kept shape fits
+                for b in near(ga, a, True):
+                    if _fit(ga, tgt[b]) == "transpose" and _same_dtypes(ga, tgt[b]):
+                        cands[b] = (_alike(a, b), "transpose")
+            fits[a] = cands
+        return fits
+
+    def _renumbered(self, src: dict, tgt: dict, taken_src: set[str]) -> None:
+        """Templates that meet but for their numbering (four layers onto two): unresolved,
+        with the candidates, never skipped and initialized."""
+        for a, ga in src.items():
+            if a in self.pending_source or _fill(a, next(iter(ga.keys))) in taken_src:
+                continue
+            shapes = {tuple(m.shape) for m in ga.keys.values()}
+            near = [
+                b
+                for b, gb in tgt.items()
+                if b.count("{}") == a.count("{}")
+                and b.count("{}")
+                and {tuple(m.shape) for m in gb.keys.values()} == shapes
+                and gb.keys.keys() != ga.keys.keys()
+                and _words_in_common(a, b)
+            ]
+            if near:
+                self.pending_source[a] = [
+                    f"{_text(b, tgt[b].keys)} (numbered otherwise)" for b in near[:3]
+                ]
+                for b in near:
                     self.contested.update(tgt[b].names())
 
     def _take(
@@ -580,17 +687,41 @@ class _Engine:
         for home, weights in layers.items():
             shaped = [b for b, square in weights if not square]
             squares = [b for b, square in weights if square]
-            if squares and len(shaped) >= 2 and all(b in self.transposed for b in shaped):
-                self.transposed.update(squares)
+            if not (squares and len(shaped) >= 2 and all(b in self.transposed for b in shaped)):
+                continue
+            # a square weight is taken to be stored so only when a module of its name is
+            # (GPT-2's attn.c_proj beside mlp.c_proj): else the shapes cannot tell
+            flipped = {b.split(".")[-2] for b in shaped if b.count(".") >= 1}
+            named = [b for b in squares if b.split(".")[-2] in flipped]
+            unknown = [b for b in squares if b not in named]
+            self.transposed.update(named)
+            if named:
                 self.notes.append(
-                    f"{_text(home)}: every non-square weight is stored transposed, so the "
-                    f"square ones are taken to be too ({', '.join(k for k, _ in collapse_keys(squares))})"
+                    f"{_text(home)}: every non-square weight is stored transposed, so "
+                    f"{', '.join(k for k, _ in collapse_keys(named))}, square, of a module "
+                    "named as transposed ones are, is taken to be too"
+                )
+            if unknown:
+                sources = [a for a, b in self.pairs.items() if b in unknown]
+                for a in sources:
+                    b = self.pairs.pop(a)
+                    self.taken.discard(b)
+                    self.contested.add(b)
+                self.flagged.update(sources)
+                self.unresolved.append(
+                    Unresolved(
+                        sources,
+                        "source",
+                        unknown,
+                        "square, in a layer whose other weights are stored transposed: "
+                        "whether it is too cannot be told from its shape",
+                    )
                 )
 
     # --- families: merges, splits, stacks ---
     def _families(self) -> None:
-        left_src = sorted(n for n in self.names if n not in self.pairs)
-        left_tgt = sorted(t for t in self.tgt if t not in self.taken)
+        left_src = sorted(n for n in self.names if n not in self.pairs and n not in self.flagged)
+        left_tgt = sorted(t for t in self.tgt if t not in self.taken and t not in self.contested)
         if not left_src or not left_tgt:
             return
         src = self._groups(left_src, self.meta)
@@ -622,6 +753,8 @@ class _Engine:
             for tpl, g in one.items():
                 if (side_one, tpl) in self.used or set(g.keys) != idx:
                     continue
+                if not _fused(fam, order, tpl):
+                    continue  # sizes that add up are no evidence by themselves
                 options = _adds_up(order, many, g)
                 if options:
                     layout = self._layout(tpl if kind == "split" else order[0], kind)
@@ -630,6 +763,17 @@ class _Engine:
             if not best:
                 continue
             best.sort(key=lambda t: -t[0])
+            if best and any(_member_order(m, fam)[0] == 9 for m in order):
+                self.unresolved.append(  # the names do not say in which order they join
+                    Unresolved(
+                        [n for m in order for n in many[m].names()],
+                        "source" if kind == "merge" else "target",
+                        [_text(t, one[t].keys) for _, t, _ in best[:3]],
+                        "its pieces add up, but their names do not say their order",
+                    )
+                )
+                self.used.update((side_many, m) for m in order)
+                continue
             if len(best) > 1 and best[0][0] - best[1][0] < MARGIN:
                 self.unresolved.append(
                     Unresolved(
@@ -705,7 +849,7 @@ class _Engine:
                 if ("s", a) in self.used or a.count("{}") != b.count("{}") + 1:
                     continue
                 split = _stack_fit(ga, gb)
-                if split is not None:
+                if split is not None and _stack_named(a, b):
                     found.append((_alike(a, b), a, split))
             if not found:
                 continue
@@ -741,14 +885,16 @@ class _Engine:
     def _leftovers(self) -> None:
         left_src = sorted(n for n in self.names if n not in self.pairs and n not in self.consumed)
         left_tgt = sorted(t for t in self.tgt if t not in self.taken)
-        pending = getattr(self, "pending_source", {})
-        flagged: set[str] = {k for u in self.unresolved for k in u.keys}
-        for tpl, cands in pending.items():
+        flagged: set[str] = {k for u in self.unresolved for k in u.keys} | self.flagged
+        for tpl, cands in self.pending_source.items():
             keys = [n for n in left_src if _template(n)[0] == tpl and n not in flagged]
             if keys:
-                self.unresolved.append(
-                    Unresolved(keys, "source", cands, "several targets fit it equally well")
+                why = (
+                    "several targets fit it alike"
+                    if len(cands) > 1
+                    else "a target fits its shapes, but nothing in the names says it is the same"
                 )
+                self.unresolved.append(Unresolved(keys, "source", cands, why))
                 flagged.update(keys)
         self.skips = [n for n in left_src if n not in flagged]
         self.inits = [t for t in left_tgt if t not in self.contested]
@@ -796,14 +942,22 @@ class _Engine:
             suggested = self.rules(fold)
             plan, suggested = _verify(suggested, self.original, self.tgt)
             intended = self.intended()
-            wrong = {k: v for k, v in plan.mapping.items() if intended.get(k, v) != v}
+            loaded = plan.mapping  # a property that builds a dict: once
+            wrong = {k: v for k, v in loaded.items() if intended.get(k, v) != v}
+            wrong |= {k: "(not loaded)" for k in intended if k not in loaded}
             if plan.ok and not wrong:
                 break
-        if wrong:
+        if wrong:  # never a mapping that was not found: said, and not ok
+            self.unresolved.append(
+                Unresolved(sorted(wrong), "source", [], "the rules do not give the mapping found")
+            )
             self.notes.append(
                 f"the plan does not give the mapping found for {len(wrong)} keys "
                 f"({', '.join(sorted(wrong)[:3])}): check these rules"
             )
+        for u in self.unresolved:  # said in the user's names, as the source has them
+            if u.side == "source":
+                u.keys = [self.names.get(k, k) for k in u.keys]
         return Suggestion(suggested, self.unresolved, plan, self.notes)
 
     def intended(self) -> dict[str, str]:
@@ -845,6 +999,14 @@ def _leading(names: Iterable[str], most: int = 3) -> dict[str, int]:
     return out
 
 
+def _nested(a: Statement, b: Statement) -> bool:
+    """Whether one wrapper rule's prefix is the other's start (`_orig_mod.` in
+    `_orig_mod.module.`): the longer is the same evidence, not a rival."""
+    pa = a.prefix if isinstance(a, (Strip, Prefix)) else ""
+    pb = b.prefix if isinstance(b, (Strip, Prefix)) else ""
+    return type(a) is type(b) and (pa.startswith(pb) or pb.startswith(pa))
+
+
 def _first_segments(names: Iterable[str]) -> dict[str, int]:
     out: dict[str, int] = defaultdict(int)
     for n in names:
@@ -855,10 +1017,46 @@ def _first_segments(names: Iterable[str]) -> dict[str, int]:
 
 def _clear_best(cands: dict, choice: Any) -> bool:
     """The choice beats every other candidate by the margin, or is the only one whose
-    names are the same up to synonyms."""
+    names are the same up to synonyms and the others' differ in more than a leaf word."""
     best = cands[choice][0]
     others = [s for k, (s, _) in cands.items() if k != choice]
-    return all(best - s >= MARGIN for s in others) or (best == 1.0 and all(s < 1.0 for s in others))
+    if all(best - s >= MARGIN for s in others):
+        return True
+    return best == 1.0 and all(s < 0.97 for s in others)
+
+
+GENERIC = frozenset({"weight", "bias", "{}"})
+
+
+def _words_in_common(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Evidence beyond the shapes: a word of the names in common besides weight/bias (as
+    written or as the synonyms read it), or, for keys with no other word, the same leaf."""
+    ca, cb = _words(a), _words(b)
+    return bool(ca & cb) or (not ca and not cb and _canonical(a)[-1:] == _canonical(b)[-1:])
+
+
+def _signature(g: _Group, transposed: bool = False) -> Any:
+    """What two templates' tensors must share to fit: their indices and shapes."""
+    return frozenset(
+        (i, tuple(m.shape)[::-1] if transposed and len(m.shape) == 2 else tuple(m.shape))
+        for i, m in g.keys.items()
+    )
+
+
+def _same_dtypes(ga: _Group, gb: _Group) -> bool:
+    """dtypes that are known on both sides agree in kind: a float is no integer counter."""
+
+    def kind(d: str | None) -> str | None:
+        if d is None:
+            return None
+        return "int" if d.startswith(("int", "uint")) or d == "bool" else "float"
+
+    return all(
+        kind(ga.keys[i].dtype) is None
+        or kind(gb.keys[i].dtype) is None
+        or kind(ga.keys[i].dtype) == kind(gb.keys[i].dtype)
+        for i in ga.keys
+    )
 
 
 def _fit(ga: _Group, gb: _Group) -> str | None:
@@ -873,6 +1071,20 @@ def _fit(ga: _Group, gb: _Group) -> str | None:
     ):
         return "transpose"
     return None
+
+
+def _fused(family: tuple[str, ...], members: list, whole: tuple[str, ...]) -> bool:
+    """Whether the names say these members are the pieces of that fused tensor: the same
+    names but at the members' place, where the fused one's word holds each member's
+    (`qkv` holds q, k and v; `gate_up` gate and up)."""
+    p = family.index("*")
+    if len(whole) != len(family):
+        return False
+    cf, cw = _canonical(tuple(s if s != "*" else "x" for s in family)), _canonical(whole)
+    if any(cf[i] != cw[i] for i in range(len(family)) if i != p):
+        return False
+    word = cw[p]
+    return all(_canonical(m)[p] in word and _canonical(m)[p] != word for m in members)
 
 
 def _member_order(template: tuple[str, ...], family: tuple[str, ...]) -> tuple:
@@ -907,6 +1119,19 @@ def _adds_up(order: list, many: dict, g: _Group) -> list[tuple[int, bool]]:
             if ok:
                 found.append((dim, transpose))
     return found
+
+
+def _words(template: tuple[str, ...]) -> set[str]:
+    return (set(template) | set(_canonical(template))) - GENERIC
+
+
+def _stack_named(pieces: tuple[str, ...], whole: tuple[str, ...]) -> bool:
+    """Whether the names say the stacked tensor is made of these pieces: its last word is
+    one of theirs (`experts.{e}.w1.weight` into `experts.w1`)."""
+    leaf = [w for w in whole if w not in GENERIC][-1:]
+    canon = [w for w in _canonical(whole) if w not in GENERIC][-1:]
+    have = _words(pieces)
+    return bool(leaf) and (leaf[0] in have or canon[0] in have)
 
 
 def _stack_fit(ga: _Group, gb: _Group) -> int | None:
@@ -988,7 +1213,9 @@ def _renames(engine: _Engine, fold: bool) -> list[Suggested]:
         pattern, target = _capture(head_a, head_b)
         rule = compile_rule(0, Rename(pattern, target))
         covered, consistent = [], True
-        for k in by_first[head_a[0]]:
+        # a pattern that starts with a capture may match a key under any first segment
+        under = everyone if pattern.startswith("{") else by_first[head_a[0]]
+        for k in under:
             new = rule.step(k)
             if not isinstance(new, str):
                 continue
@@ -1068,21 +1295,29 @@ def _in_order(rules: list[tuple[Any, str, list]]) -> list[tuple[Any, str, list]]
     """Renames in an order where none renames again what an earlier one made (a list whose
     entries moved up by one is renamed from its end)."""
     compiled = [compile_rule(0, Rename(p, t)) for p, t, _ in rules]
+    # which rules could match a name, by its first segment (a regex or a capture: any)
+    by_first: dict[str, list[int]] = defaultdict(list)
+    anywhere: list[int] = []
+    for j, (p, _, _) in enumerate(rules):
+        first = p.split(".", 1)[0] if isinstance(p, str) else "{"
+        (anywhere if "{" in first or "*" in first else by_first[first]).append(j)
     before: dict[int, set[int]] = {i: set() for i in range(len(rules))}
+    after: dict[int, set[int]] = defaultdict(set)
     for i, (_, _, covered) in enumerate(rules):
-        for j, rule in enumerate(compiled):
-            if i != j and any(isinstance(rule.step(new), str) for _, new in covered):
-                before[i].add(j)  # j would rename what i makes: j goes first
+        for _, new in covered:
+            for j in (*by_first.get(new.split(".", 1)[0], ()), *anywhere):
+                if i != j and j not in before[i] and isinstance(compiled[j].step(new), str):
+                    before[i].add(j)  # j would rename what i makes: j goes first
+                    after[j].add(i)
     order: list[int] = []
     ready = sorted(i for i, deps in before.items() if not deps)
     while ready:
         i = ready.pop(0)
         order.append(i)
-        for k, deps in before.items():
-            if i in deps:
-                deps.discard(i)
-                if not deps and k not in order and k not in ready:
-                    ready.append(k)
+        for k in sorted(after.get(i, ())):
+            before[k].discard(i)
+            if not before[k] and k not in order and k not in ready:
+                ready.append(k)
         ready.sort()
     order += [i for i in range(len(rules)) if i not in order]  # a cycle: verification says so
     return [rules[i] for i in order]
