@@ -388,28 +388,18 @@ class TinyViT(nn.Module):
 # --- pairs for `suggest` (tests/test_suggest.py) -----------------------------------------------
 
 
-class NanoGPT(nn.Module):
+class NanoGPT(HFGPT2):
     """nanoGPT's GPT: the Hugging Face names, nn.Linear everywhere (weights [out, in]), one
-    fused c_attn, the head tied to wte."""
+    fused c_attn, the head tied to wte; the same forward as HFGPT2's."""
 
     def __init__(self, vocab=50, d=16, layers=2, heads=4, positions=32):
-        super().__init__()
+        nn.Module.__init__(self)
 
         def block(b, d):
             b.attn.c_attn, b.attn.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
             b.mlp.c_fc, b.mlp.c_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
 
         _gpt2_skeleton(self, vocab, d, layers, positions, heads, block)
-
-    def forward(self, ids):
-        def attn(block, h):
-            q, k, v = block.attn.c_attn(h).split(h.shape[-1], -1)
-            return block.attn.c_proj(_causal(q, k, v, self.heads))
-
-        def mlp(block, h):
-            return block.mlp.c_proj(nn.functional.gelu(block.mlp.c_fc(h)))
-
-        return _gpt2_forward(self, ids, attn, mlp)
 
 
 class TitanLlama(nn.Module):

@@ -909,23 +909,8 @@ def upgrade(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Upgrade a checkpoint through the history's steps, in one pass, to a stamped file."""
-    _run(
-        lambda: _migrate_file(
-            source,
-            history,
-            out_path,
-            to,
-            from_,
-            target,
-            select,
-            max_shard_size,
-            hash_source,
-            report,
-            overwrite,
-            downgrade=False,
-            allow_lossy=False,
-        )
-    )
+    options = dict(locals())
+    _run(lambda: _migrate_file(**options, downgrade=False, allow_lossy=False))
 
 
 @app.command()
@@ -945,26 +930,12 @@ def downgrade(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Take a checkpoint back to an older revision: the exact inverse of the upgrade."""
-    _run(
-        lambda: _migrate_file(
-            source,
-            history,
-            out_path,
-            to,
-            from_,
-            None,
-            select,
-            max_shard_size,
-            hash_source,
-            report,
-            overwrite,
-            downgrade=True,
-            allow_lossy=allow_lossy,
-        )
-    )
+    options = dict(locals())
+    _run(lambda: _migrate_file(**options, target=None, downgrade=True))
 
 
 def _migrate_file(
+    *,
     source,
     history,
     out_path,
@@ -976,7 +947,6 @@ def _migrate_file(
     hash_source,
     report,
     overwrite,
-    *,
     downgrade,
     allow_lossy,
 ) -> None:

@@ -817,7 +817,7 @@ class _Engine:
             for m in order:
                 self.consumed.update(many[m].names())
             self.taken.update(g.names())
-            patterns, target = [_pattern(m) for m in order], _target(tpl)
+            patterns, target = [_pattern(m) for m in order], _pattern(tpl)
             ops = [OpCall("cat", (dim,))] + ([OpCall("transpose", (0, 1))] if transpose else [])
             statement: Statement = Merge(tuple(patterns), target, tuple(ops))
             said = f"{', '.join(pieces)} -> {whole}: sizes {sizes} along dim {dim}"
@@ -831,7 +831,7 @@ class _Engine:
                     (tuple(many[m].keys[next(iter(many[m].keys))].shape[dim] for m in order), dim),
                 )
             ]
-            statement = Split(_pattern(tpl), tuple(_target(m) for m in order), tuple(ops))
+            statement = Split(_pattern(tpl), tuple(_pattern(m) for m in order), tuple(ops))
             said = f"{whole} -> {', '.join(pieces)}: sizes {sizes} along dim {dim}"
         if transpose:
             said += ", stored transposed"
@@ -873,7 +873,7 @@ class _Engine:
             pattern = _pattern(a, gather=position)
             self.families.append(
                 Suggested(
-                    Merge((pattern,), _target(b), (OpCall("stack", (0,)),)),
+                    Merge((pattern,), _pattern(b), (OpCall("stack", (0,)),)),
                     f"{_text(a, ga.keys)} -> {_text(b, gb.keys)}: {count} pieces of "
                     f"{_shape(ga.keys[next(iter(ga.keys))])} stacked (names {score:.2f} alike)",
                     len(ga.keys),
@@ -1179,10 +1179,6 @@ def _pattern(template: tuple[str, ...], gather: int | None = None) -> str:
     return ".".join(out)
 
 
-def _target(template: tuple[str, ...]) -> str:
-    return _pattern(template)
-
-
 def _renames(engine: _Engine, fold: bool) -> list[Suggested]:
     """Renames for the pairs whose names differ: the shortest heads (leading segments, with
     their numbers as captures) under which every source key goes the same way."""
@@ -1421,7 +1417,7 @@ def _fold_transposes(out: list[Suggested]) -> list[Suggested]:
     """One `transform` a template for transposes of numbered keys."""
     kept, groups = [], defaultdict(list)
     for s in out:
-        if isinstance(s.statement, Transform) and s.statement.pattern.text.count(".") >= 0:
+        if isinstance(s.statement, Transform):
             tpl, _ = _template(s.statement.pattern.text)
             groups[tpl].append(s)
         else:
