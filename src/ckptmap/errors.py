@@ -325,6 +325,10 @@ CODES: dict[str, tuple[type[CkptmapError], str]] = {
     "CKM523": (CheckpointError, "`--select` naming nothing, or no tensors in the checkpoint"),
     "CKM524": (CheckpointError, "several sets of weights in a checkpoint: choose with `--select`"),
     "CKM525": (CheckpointError, "a `.pt` storage record whose size differs from its tensors'"),
+    "CKM526": (
+        CheckpointError,
+        "a torch.distributed.checkpoint folder that DCP's own reader refuses",
+    ),
     "CKM530": (
         CheckpointError,
         "a write path that reaches a read path (through symlinks and hard links too)",

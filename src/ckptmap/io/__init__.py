@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import CheckpointError, UsageError
 from ..meta import Described, meta_of, ties_of
 from .base import Checkpoint
+from .dcp import is_dcp
 from .files import open_file, refuse_special
 from .sharded import INDEX_NAMES, SINGLE_NAMES, ShardedCheckpoint
 
@@ -30,6 +31,12 @@ def open_checkpoint(path: str | Path, select: str | None = None) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory", code="CKM501")
     if path.is_dir():
+        if is_dcp(path):  # torch.distributed.checkpoint: `.metadata` and `__N_M.distcp`
+            if select:
+                raise CheckpointError(f"{path}: --select is for torch checkpoints", code="CKM523")
+            from .dcp import DcpCheckpoint  # torch.distributed loads on first use
+
+            return DcpCheckpoint(path)
         for name in INDEX_NAMES:
             if (path / name).is_file():
                 return ShardedCheckpoint(path / name)

@@ -24,6 +24,8 @@ from ..errors import CheckpointError
 from ..version import __version__
 from . import safetensors as st
 
+DCP_SUFFIX = ".dcp"  # an output folder written by torch.distributed.checkpoint
+
 if TYPE_CHECKING:
     import torch
 
@@ -108,8 +110,11 @@ def check_text_destination(path: Path, overwrite: bool = False) -> None:
 
 
 def _previous_sharded_output(folder: Path) -> bool:
-    """A folder that holds only a sharded checkpoint (index and shards): safe to replace."""
+    """A folder that holds only a sharded checkpoint (index and shards, or a DCP folder's
+    metadata and .distcp files): safe to replace."""
     names = [p.name for p in folder.iterdir()]
+    if ".metadata" in names:
+        return all(n == ".metadata" or re.fullmatch(r"__\d+_\d+\.distcp", n) for n in names)
     return "model.safetensors.index.json" in names and all(
         n == "model.safetensors.index.json" or re.fullmatch(r"model-\d+-of-\d+\.safetensors", n)
         for n in names
@@ -123,7 +128,7 @@ def check_destination(out: Path, sharded: bool, overwrite: bool = False) -> None
     replaced only when it holds nothing but a sharded checkpoint.
     """
     out = Path(out)
-    if sharded:
+    if sharded or out.suffix == DCP_SUFFIX:  # a folder of files
         empty = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
         if os.path.lexists(out) and not empty:
             if not overwrite:
@@ -138,7 +143,8 @@ def check_destination(out: Path, sharded: bool, overwrite: bool = False) -> None
                 )
     elif out.suffix not in (".safetensors", *TORCH_SUFFIXES):
         raise CheckpointError(
-            f"{out}: name a .safetensors or .pt file (or give --max-shard-size for a folder)",
+            f"{out}: name a .safetensors or .pt file, a .dcp folder (torch.distributed."
+            "checkpoint), or give --max-shard-size for a sharded folder",
             code="CKM531",
         )
     elif out.is_dir():
@@ -190,6 +196,8 @@ def save_checkpoint(
     _clean_stale_partials(out, keep)
     if max_shard_size is not None:
         return _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes)
+    if out.suffix == DCP_SUFFIX:
+        return _save_dcp(out, items, fetch, on_bytes)
     tmp = None
     try:
         fd, tmp = _create_exclusive(out)
@@ -287,18 +295,7 @@ def _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes
             json.dump(index, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if out.exists():
-            if any(out.iterdir()):  # a previous sharded output, replaced (checked above)
-                old = out.parent / f".{out.name}{PARTIAL}{os.getpid()}-old-{os.urandom(4).hex()}"
-                os.replace(out, old)
-            else:
-                out.rmdir()
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish_folder(tmp, out)
     except OSError as e:
         error = _write_error(out, e)
         if tmp is not None:
@@ -309,6 +306,55 @@ def _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return [out / n for n in names] + [out / "model.safetensors.index.json"]
+
+
+def _publish_folder(tmp: Path, out: Path) -> None:
+    """A folder written in full under a temporary name takes `out`'s place at once (a
+    previous output there, checked before any work, goes after)."""
+    _fsync_dir(tmp)
+    old = None
+    if out.exists():
+        if any(out.iterdir()):
+            old = out.parent / f".{out.name}{PARTIAL}{os.getpid()}-old-{os.urandom(4).hex()}"
+            os.replace(out, old)
+        else:
+            out.rmdir()
+    os.replace(tmp, out)
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_dcp(out: Path, items, fetch, on_bytes) -> list[Path]:
+    """A torch.distributed.checkpoint folder, written by DCP's own writer into a temporary
+    folder that then takes `out`'s place. DCP saves a state_dict whole: the tensors are
+    held together while it writes (one process; a sharded model writes its own pieces)."""
+    from .dcp import save_dcp
+
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL}{os.getpid()}-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
+        tensors = {}
+        for name, _ in items:
+            tensor = fetch(name)
+            if isinstance(tensor, st.RawBytes):  # never asked for here: bytes need a tensor
+                raise CheckpointError(f"{name}: raw bytes cannot go into DCP", code="CKM531")
+            tensors[name] = tensor
+        save_dcp(tmp, tensors)
+        if on_bytes:
+            on_bytes(sum(m.nbytes for _, m in items))
+        _publish_folder(tmp, out)
+    except OSError as e:
+        error = _write_error(out, e)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise error from None
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sorted(p for p in out.iterdir() if p.is_file())
 
 
 def _fsync_dir(folder: Path) -> None:
