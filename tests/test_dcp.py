@@ -106,3 +106,95 @@ def test_a_broken_dcp_folder_is_one_line(tmp_path):
     assert result.exit_code == 2 and "CKM526" in result.output and "Traceback" not in result.output
     with pytest.raises(ckptmap.CheckpointError):
         open_checkpoint(folder)
+
+
+def test_the_load_planner_renames_in_dcp_load(tmp_path):
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    import ckptmap.dcp as ckptmap_dcp
+    from ckptmap.dcp import LoadPlanner
+
+    torch.manual_seed(0)
+    old = ResNet(10)
+    folder = save_dcp(wrapped(old), tmp_path / "ckpt")
+    reader = dcp.FileSystemReader(str(folder))
+    model = ResNet(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        planner = LoadPlanner('strip "module."')
+        dcp.load(model.state_dict(), storage_reader=reader, planner=planner)
+    pairs = zip(model.state_dict().values(), old.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert planner.plan.ok and len(planner.plan.sources) == len(old.state_dict())
+    # a plan problem is raised before anything is read, the model untouched
+    fresh = ResNet(10)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CheckpointException) as e, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # inside dcp.load, DCP wraps the error: ours is in it
+        dcp.load(fresh.state_dict(), storage_reader=reader, planner=LoadPlanner(""))
+    assert "error[CKM304]" in str(e.value)
+    with pytest.raises(ckptmap.PlanError):  # the front door validates first: ckptmap's error
+        ckptmap_dcp.load(fresh.state_dict(), folder, "")
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    transposed = 'strip "module."\ntransform "fc.bias" | reshape([10])'
+    with pytest.raises(ckptmap.LoadError, match="transforms are not yet"):
+        ckptmap_dcp.load(fresh.state_dict(), folder, transposed)
+    plan = ckptmap_dcp.load(fresh.state_dict(), folder, 'strip "module."')
+    assert plan.ok and torch.equal(fresh.fc.weight, old.fc.weight)
+
+
+def _sharded_worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import ckptmap.dcp as ckptmap_dcp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        g = torch.Generator().manual_seed(0)
+        full_w, full_v = torch.randn(5, 4, generator=g), torch.randn(3, 7, generator=g)  # uneven
+        saved = {
+            "module.w": distribute_tensor(full_w, mesh, [Shard(0)]),
+            "module.v": distribute_tensor(full_v, mesh, [Shard(1)]),
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save(saved, checkpoint_id=folder)
+        target = {
+            "w": distribute_tensor(torch.zeros(5, 4), mesh, [Shard(0)]),
+            "v": distribute_tensor(torch.zeros(3, 7), mesh, [Shard(1)]),
+        }
+        ckptmap_dcp.load(target, folder, 'strip "module."')
+        same = torch.equal(target["w"].full_tensor(), full_w) and torch.equal(
+            target["v"].full_tensor(), full_v
+        )
+        try:  # a bad rule fails every rank alike, before any read
+            ckptmap_dcp.load(target, folder, 'rename "nothing" -> "x"')
+            failed = "none"
+        except ckptmap.CkptmapError as e:
+            failed = e.code
+        Path(out, f"rank{rank}").write_text(f"{same} {failed}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_load_planner_on_sharded_dtensors(tmp_path, world):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(
+        _sharded_worker, args=(world, port, str(tmp_path / "ckpt"), str(tmp_path)), nprocs=world
+    )
+    results = [(tmp_path / f"rank{r}").read_text() for r in range(world)]
+    assert results == ["True CKM304"] * world, results

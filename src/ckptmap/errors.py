@@ -274,6 +274,10 @@ CODES: dict[str, tuple[type[CkptmapError], str]] = {
     ),
     "CKM407": (LoadError, "a tensor the plan would hold is larger than this machine's memory"),
     "CKM408": (LoadError, "a model on the meta device: nothing to load into"),
+    "CKM409": (
+        LoadError,
+        "a DCP load whose plan computes tensors with ops (renames, skip and init only, so far)",
+    ),
     "CKM500": (CheckpointError, "a file that cannot be read or written safely (the class's code)"),
     "CKM600": (HistoryError, "a revision history that cannot be used as asked (the class's code)"),
     "CKM601": (HistoryError, "a history folder with no steps, or a step file without `revision`"),
