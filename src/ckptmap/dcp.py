@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from .compile import compile
 from .errors import LoadError, UsageError
+from .io.dcp import _quiet
 from .meta import TensorMeta, dtype_name
 
 __all__ = ["LoadPlanner", "load"]
@@ -37,8 +38,6 @@ def load(state_dict: dict[str, Any], checkpoint: Any, rules: Any) -> Any:
     any byte is read (inside `dcp.load` DCP wraps it in its CheckpointException). Returns
     the ckptmap Plan."""
     import torch.distributed.checkpoint as dcp
-
-    from .io.dcp import _quiet
 
     reader = dcp.FileSystemReader(str(checkpoint))
     planner = LoadPlanner(rules)

@@ -30,12 +30,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from .apply import LOADING, apply_plan, opened, tensors_of, write_plan
 from .chain import Hop, compose, introduced, next_source, refuse_problems
 from .compile import Program, compile
-from .errors import CkptmapError, HistoryError, UsageError, summarize
+from .errors import CkptmapError, HistoryError, PlanError, UsageError, summarize
 from .io import Checkpoint, describe
 from .io.write import provenance, write_text_atomically
 from .limits import check_text_size
 from .meta import DTYPES, TensorMeta, meta_of
-from .rules import Init, OpCall
+from .plan import OutputEntry, SourceEntry, TargetEntry, Value, fingerprint_of
+from .report import collapse_keys
+from .rules import Init, OpCall, Revision
+from .suggest import suggest
 
 if TYPE_CHECKING:
     import torch
@@ -665,8 +668,6 @@ def _complete(plan: Plan, checkpoint: Any, model: Any, revision: str) -> tuple[P
             hint='give the init a fill (init "..." | zeros()), or the model: '
             "--target pkg.mod:factory / model=",
         )
-    from .plan import OutputEntry, SourceEntry, TargetEntry, Value, fingerprint_of
-
     state = model.state_dict()
     values, sources, outputs = list(plan.values), list(plan.sources), list(plan.outputs)
     targets = {t.target: t for t in plan.targets or ()}
@@ -772,8 +773,6 @@ def _only_planned(plan: Plan, source: Any, allow_lossy: bool) -> Any:
     planned = {e.source for e in plan.sources}
     extra = sorted(set(tensors) - planned)
     if extra and not allow_lossy:
-        from .errors import PlanError
-
         raise PlanError(
             f"the older revision has no place for {len(extra)} tensor{'s' * (len(extra) != 1)}",
             code="CKM308",
@@ -824,8 +823,6 @@ def schema_difference(
 
 
 def _few(keys: list[str]) -> str:
-    from .report import collapse_keys
-
     folded = [k for k, _ in collapse_keys(keys)]
     return ", ".join(folded[:3]) + (", …" if len(folded) > 3 else "")
 
@@ -1010,7 +1007,6 @@ def new_revision(
     step that adds tensors needs one). `autogenerate` fills the step's body with what
     `suggest` finds from the head's schema to `schema`'s, its evidence as comments, as
     Alembic's autogenerate does. Returns the files written; none is ever replaced."""
-    from .rules import Revision
 
     folder = Path(folder)
     if base is not None and schema is not None:
@@ -1047,8 +1043,6 @@ def new_revision(
     comment = " ".join(message.split()) or "(no message)"
     body = "" if base is not None else f"\n# the rules from {parents[0]}'s names to {rev}'s\n"
     if autogenerate and meta is not None:
-        from .suggest import suggest
-
         found = suggest(hist.schema(hist.head), meta)
         body = f"\n# suggested from {parents[0]}'s schema to {rev}'s: check each rule\n"
         body += found.body()

@@ -25,6 +25,7 @@ The engine, in passes over the keys:
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import re
@@ -34,9 +35,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .compile import compile
-from .errors import UsageError
+from .errors import RuleSyntaxError, UsageError
 from .io import describe
 from .meta import TensorMeta
+from .patterns import Matcher
 from .report import collapse_keys
 from .rules import (
     Init,
@@ -51,8 +53,10 @@ from .rules import (
     Strip,
     Transform,
     quote,
+    regex,
 )
 from .statements import compile_rule
+from .syntax import parse
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -252,8 +256,6 @@ def _one_line(text: str) -> str:
 def _hint(text: str) -> Rename:
     """A hint is a rename as the language writes it (`"old" -> "new"`, `/re/ -> "..."`),
     or bare words `old -> new`."""
-    from .errors import RuleSyntaxError
-    from .syntax import parse
 
     if not isinstance(text, str) or "->" not in text:
         raise UsageError(f"a hint is 'old -> new' (a rename), not {text!r}", code="CKM001")
@@ -310,8 +312,6 @@ def _tokens(canonical: tuple[str, ...]) -> dict[str, float]:
 def _alike(a: tuple[str, ...], b: tuple[str, ...]) -> float:
     """How alike two templates' names are, 0..1: their words (the leaf weighing most) and
     their order; 1.0 when they are the same names up to synonyms."""
-    import difflib
-
     ca, cb = _canonical(a), _canonical(b)
     if ca == cb:
         return 1.0
@@ -979,8 +979,6 @@ def _lists(names: Iterable[str], meta: Any) -> dict[tuple[str, ...], dict[str, t
 
 def _aligned(a: list, b: list) -> dict[int, int]:
     """Positions of `a` matched to positions of `b` with the same signature, in order."""
-    import difflib
-
     out = {}
     matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
     for block in matcher.get_matching_blocks():
@@ -1272,7 +1270,6 @@ def _rename_evidence(engine: _Engine, pattern: Any, target: str, covered: list) 
 def _leaf_renames(pairs: dict[str, str], everyone: dict[str, Any]) -> list[tuple[Any, str, list]]:
     """Keys that differ only in their last segment, the same way everywhere (legacy
     `gamma`/`beta` for `weight`/`bias`): one regex rename for all of them."""
-    from .rules import regex
 
     groups: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
     for a, b in pairs.items():
@@ -1385,7 +1382,6 @@ def _folded_inits(engine: _Engine) -> list[Suggested]:
 def _fold_keys(keys: set[str], others: set[str]) -> list[tuple[str, list[str]]]:
     """Patterns that match all of `keys` and none of `others`: the shortest module heads,
     then numbers as `*` where that matches no other key."""
-    from .patterns import Matcher
 
     heads: dict[str, list[str]] = {}
     prefixes: set[str] = set()
