@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -272,11 +272,8 @@ def _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes
         size += nbytes
     count = len(shards)
     names = [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-    tmp = None
     weight_map, total = {}, 0
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL}{os.getpid()}-", dir=out.parent))
-        os.chmod(tmp, 0o777 & ~_umask())
+    with _new_folder(out) as tmp:
         for file, shard in zip(names, shards, strict=True):
             in_shard = {n for n, _ in shard}
             shard_aliases = {a: s for a, s in aliases.items() if s in in_shard}
@@ -295,9 +292,21 @@ def _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes
             json.dump(index, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
+    return [out / n for n in names] + [out / "model.safetensors.index.json"]
+
+
+@contextlib.contextmanager
+def _new_folder(out: Path) -> Iterator[Path]:
+    """A folder built under a temporary name beside `out` (ordinary permissions), put in
+    `out`'s place when the block ends; on any failure, removed, the error said plainly."""
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL}{os.getpid()}-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
         _publish_folder(tmp, out)
     except OSError as e:
-        error = _write_error(out, e)
+        error = _write_error(out, e)  # before the partial folder goes: it may fill the disk
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise error from None
@@ -305,7 +314,6 @@ def _save_sharded(out, items, fetch, metadata, aliases, max_shard_size, on_bytes
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return [out / n for n in names] + [out / "model.safetensors.index.json"]
 
 
 def _publish_folder(tmp: Path, out: Path) -> None:
@@ -331,10 +339,7 @@ def _save_dcp(out: Path, items, fetch, on_bytes) -> list[Path]:
     held together while it writes (one process; a sharded model writes its own pieces)."""
     from .dcp import save_dcp
 
-    tmp = None
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL}{os.getpid()}-", dir=out.parent))
-        os.chmod(tmp, 0o777 & ~_umask())
+    with _new_folder(out) as tmp:
         tensors = {}
         for name, _ in items:
             tensor = fetch(name)
@@ -344,16 +349,6 @@ def _save_dcp(out: Path, items, fetch, on_bytes) -> list[Path]:
         save_dcp(tmp, tensors)
         if on_bytes:
             on_bytes(sum(m.nbytes for _, m in items))
-        _publish_folder(tmp, out)
-    except OSError as e:
-        error = _write_error(out, e)
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise error from None
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sorted(p for p in out.iterdir() if p.is_file())
 
 
