@@ -656,35 +656,20 @@ def test_cli_from_a_new_history_to_an_upgraded_file(tmp_path, monkeypatch):
     result = runner.invoke(app, ["current", "v3.safetensors", "--history", "mig"])
     assert "0003-extra (from the revision stamped in its metadata)" in result.output
 
-    result = runner.invoke(
-        app,
-        [
-            "downgrade",
-            "v3.safetensors",
-            "--history",
-            "mig",
-            "--to",
-            "base",
-            "-o",
-            "v1b.safetensors",
-        ],
-    )
+    back = [
+        "downgrade",
+        "v3.safetensors",
+        "--history",
+        "mig",
+        "--to",
+        "base",
+        "-o",
+        "v1b.safetensors",
+    ]
+    result = runner.invoke(app, back)
     assert result.exit_code == 1 and "error[CKM308]" in result.output
     assert not (tmp_path / "v1b.safetensors").exists()
-    result = runner.invoke(
-        app,
-        [
-            "downgrade",
-            "v3.safetensors",
-            "--history",
-            "mig",
-            "--to",
-            "base",
-            "-o",
-            "v1b.safetensors",
-            "--allow-lossy",
-        ],
-    )
+    result = runner.invoke(app, [*back, "--allow-lossy"])
     assert result.exit_code == 0, result.output
     assert tensor_bytes(tmp_path / "v1b.safetensors") == tensor_bytes(tmp_path / "v1.safetensors")
     # no input is ever written: not the source, not a step of the history

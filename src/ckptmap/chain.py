@@ -339,27 +339,25 @@ def _fate(
             status="loaded",
             rules=into[0].rules,
         )
-    dropped = fates.get(e.source)
-    if dropped is None:  # nothing made of it reached the end, and no step said why
-        return SourceEntry(
-            source=e.source,
-            value=e.value,
-            target=e.target,
-            shape=e.shape,
-            dtype=e.dtype,
-            status="skipped",
-            reason="skip",
-            rules=e.rules,
-        )
+    # dropped by a step (its fate says why), or nothing made of it reached the end
+    why = fates.get(e.source) or SourceEntry(
+        source=e.source,
+        value=e.value,
+        target=e.target,
+        shape=[],
+        status="skipped",
+        reason="skip",
+        rules=e.rules,
+    )
     return SourceEntry(
         source=e.source,
         value=e.value,
-        target=dropped.target,
+        target=why.target,
         shape=e.shape,
         dtype=e.dtype,
-        status=dropped.status,
-        reason=dropped.reason,
-        rules=dropped.rules,
+        status=why.status,
+        reason=why.reason,
+        rules=why.rules,
     )
 
 
