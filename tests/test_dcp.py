@@ -198,3 +198,24 @@ def test_the_load_planner_on_sharded_dtensors(tmp_path, world):
     )
     results = [(tmp_path / f"rank{r}").read_text() for r in range(world)]
     assert results == ["True CKM304"] * world, results
+
+
+def test_the_state_dict_adapter_pair():
+    from models import HFLlama, MyLlama
+
+    from ckptmap.dcp import StateDictAdapter
+
+    rules = Path(__file__).resolve().parents[1] / "rules" / "hf-llama-to-blocks.ckmap"
+    torch.manual_seed(0)
+    hf = HFLlama().state_dict()
+    adapter = StateDictAdapter(rules)
+    mine = adapter.from_hf(hf)
+    assert mine.keys() == MyLlama().state_dict().keys()
+    assert mine["blocks.0.attn.q.weight"] is hf["model.layers.0.self_attn.q_proj.weight"]
+    back = adapter.to_hf(mine)
+    assert back.keys() == hf.keys() and all(torch.equal(back[k], v) for k, v in hf.items())
+    # to_hf first needs the Hugging Face names: from a checkpoint, or {name: shape}
+    fresh = StateDictAdapter(rules, hf_keys={k: list(v.shape) for k, v in hf.items()})
+    assert fresh.to_hf(mine).keys() == hf.keys()
+    with pytest.raises(ckptmap.UsageError, match="call from_hf first"):
+        StateDictAdapter(rules).to_hf(mine)

@@ -29,7 +29,40 @@ from .errors import LoadError, UsageError
 from .io.dcp import _quiet
 from .meta import TensorMeta, dtype_name
 
-__all__ = ["LoadPlanner", "load"]
+__all__ = ["LoadPlanner", "StateDictAdapter", "load"]
+
+
+class StateDictAdapter:
+    """The `from_hf` / `to_hf` pair a training framework (torchtitan's `StateDictAdapter`)
+    hand-writes, made from rules that map Hugging Face names onto the model's:
+
+        adapter = StateDictAdapter(Path("rules/hf-llama-to-blocks.ckmap"))
+        state = adapter.from_hf(hf_state_dict)   # renamed: the same tensor objects (DTensors too)
+        hf = adapter.to_hf(state)                # the plan inverted, entry by entry
+
+    `to_hf` inverts the plan the last `from_hf` made, or one made from `hf_keys` (a
+    checkpoint path or `{name: shape}`) when `to_hf` comes first."""
+
+    def __init__(self, rules: Any, hf_keys: Any = None) -> None:
+        self.program = compile(rules)
+        self.hf_keys = hf_keys
+        self._forward: Any = None
+
+    def from_hf(self, hf_state_dict: dict[str, Any]) -> dict[str, Any]:
+        plan = self.program.plan(hf_state_dict)
+        plan.check()
+        self._forward = plan
+        return plan.apply(hf_state_dict)
+
+    def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        if self._forward is None:
+            if self.hf_keys is None:
+                raise UsageError(
+                    "to_hf inverts the names from_hf mapped: call from_hf first, or give "
+                    "hf_keys (the Hugging Face checkpoint, or its {name: shape})"
+                )
+            self._forward = self.program.plan(self.hf_keys).check()
+        return self._forward.inverse().apply(state_dict)
 
 
 def load(state_dict: dict[str, Any], checkpoint: Any, rules: Any) -> Any:
