@@ -179,6 +179,7 @@ def _sharded_worker(rank: int, world: int, port: int, folder: str, out: str) -> 
         except ckptmap.CkptmapError as e:
             failed = e.code
         Path(out, f"rank{rank}").write_text(f"{same} {failed}")
+        dist.barrier()  # every rank done before any tears gloo down
     finally:
         dist.destroy_process_group()
 
