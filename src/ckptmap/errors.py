@@ -278,6 +278,7 @@ CODES: dict[str, tuple[type[CkptmapError], str]] = {
         LoadError,
         "a DCP load whose plan computes tensors with ops (renames, skip and init only, so far)",
     ),
+    "CKM410": (LoadError, "a model with DTensor (sharded) parameters given to load_into"),
     "CKM500": (CheckpointError, "a file that cannot be read or written safely (the class's code)"),
     "CKM600": (HistoryError, "a revision history that cannot be used as asked (the class's code)"),
     "CKM601": (HistoryError, "a history folder with no steps, or a step file without `revision`"),

@@ -62,6 +62,7 @@ def load_into(
 
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"load_into loads into an nn.Module, not {type(model).__name__}")
+    _refuse_sharded_model(model)
     source = opened(source)
     policies = {
         "on_mismatch": on_mismatch,
@@ -155,6 +156,29 @@ def _refuse_complex_into_real(plan: Any) -> None:
             raise LoadError(
                 f"{o.target}: cannot load a complex tensor ({o.dtype}) into {dst}", code="CKM403"
             )
+
+
+def _refuse_sharded_model(model: Any) -> None:
+    """DTensor parameters (FSDP2, tensor parallel) are loaded through DCP for now: said
+    before anything is read or written, not a failure halfway."""
+    import sys
+
+    tensor_module = sys.modules.get("torch.distributed.tensor")  # loaded if a DTensor exists
+    if tensor_module is None:
+        return
+    sharded = [
+        name
+        for name, t in model.state_dict(keep_vars=True).items()
+        if isinstance(t, tensor_module.DTensor)
+    ]
+    if sharded:
+        raise LoadError(
+            f"{sharded[0]} (and {len(sharded) - 1} more) is a DTensor: load_into does not load "
+            "sharded models yet",
+            code="CKM410",
+            hint="save the checkpoint as a DCP folder (ckptmap apply ... -o x.dcp) and load it "
+            "with ckptmap.dcp.load(model.state_dict(), folder, rules)",
+        )
 
 
 def _refuse_meta_model(model: Any, plan: Any) -> None:
