@@ -65,31 +65,15 @@ def test_safetensors_to_dcp_and_back(tmp_path):
     save_file(sd, tmp_path / "r.safetensors")
     (tmp_path / "rename.ckmap").write_text('rename "fc" -> "head"\n')
     out = tmp_path / "renamed.dcp"
-    result = runner.invoke(
-        app,
-        [
-            "apply",
-            str(tmp_path / "rename.ckmap"),
-            "-s",
-            str(tmp_path / "r.safetensors"),
-            "-o",
-            str(out),
-        ],
-    )
+    args = ["apply", str(tmp_path / "rename.ckmap"), "-s", str(tmp_path / "r.safetensors")]
+    args += ["-o", str(out)]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert (out / ".metadata").is_file() and not list(tmp_path.glob(".renamed.dcp*"))
     back = open_checkpoint(out)
     assert torch.equal(back.get("head.weight"), sd["fc.weight"])
     assert "fc.weight" not in back.meta()
     # an existing output is replaced only with --overwrite, and only a DCP folder
-    args = [
-        "apply",
-        str(tmp_path / "rename.ckmap"),
-        "-s",
-        str(tmp_path / "r.safetensors"),
-        "-o",
-        str(out),
-    ]
     assert runner.invoke(app, args).exit_code == 2
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
     (out / "notes.txt").write_text("mine")

@@ -809,18 +809,17 @@ def test_head_and_base_are_not_ids(tmp_path):
     assert result.exit_code == 2 and "CKM108" in result.output
 
 
+def linear(tmp_path: Path, sd: dict, steps: list[tuple[str, str]]) -> History:
+    """A history of steps one after another: (id, rule lines); the first is the base of
+    `sd`'s schema."""
+    revs = [(rev, (steps[k - 1][0],) if k else (), body) for k, (rev, body) in enumerate(steps)]
+    return History(write_history(tmp_path / "m", revs, {steps[0][0]: meta_of(sd)}))
+
+
 def test_the_model_given_must_be_at_the_revision_asked(tmp_path):
     sd = {"w": torch.randn(2, 3)}
-    h = History(
-        write_history(
-            tmp_path / "m",
-            [
-                ("a", (), ""),
-                ("b", ("a",), 'rename "w" -> "x"\n'),
-                ("c", ("b",), 'rename "x" -> "y"\n'),
-            ],
-            {"a": meta_of(sd)},
-        )
+    h = linear(
+        tmp_path, sd, [("a", ""), ("b", 'rename "w" -> "x"\n'), ("c", 'rename "x" -> "y"\n')]
     )
     save_file(sd, tmp_path / "a.safetensors")
     at_b = {"x": TensorMeta((2, 3), "float32")}
@@ -832,17 +831,8 @@ def test_the_model_given_must_be_at_the_revision_asked(tmp_path):
 
 def test_a_freeze_in_an_earlier_step_follows_its_tensor(tmp_path):
     sd = {"a.weight": torch.randn(2, 2), "b.weight": torch.randn(3, 2)}
-    h = History(
-        write_history(
-            tmp_path / "m",
-            [
-                ("v1", (), ""),
-                ("v2", ("v1",), 'rename "b" -> "y"\nfreeze "y"\n'),
-                ("v3", ("v2",), 'rename "a" -> "x"\n'),
-            ],
-            {"v1": meta_of(sd)},
-        )
-    )
+    steps = [("v1", ""), ("v2", 'rename "b" -> "y"\nfreeze "y"\n'), ("v3", 'rename "a" -> "x"\n')]
+    h = linear(tmp_path, sd, steps)
     model = torch.nn.Module()
     model.x, model.y = torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 3, bias=False)
     report = ckptmap.load_into(model, sd, h)

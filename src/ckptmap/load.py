@@ -4,6 +4,7 @@ rewritten, with the Report out. Compile (compile.py), plan (resolve.py), execute
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -161,8 +162,6 @@ def _refuse_complex_into_real(plan: Any) -> None:
 def _refuse_sharded_model(model: Any) -> None:
     """DTensor parameters (FSDP2, tensor parallel) are loaded through DCP for now: said
     before anything is read or written, not a failure halfway."""
-    import sys
-
     tensor_module = sys.modules.get("torch.distributed.tensor")  # loaded if a DTensor exists
     if tensor_module is None:
         return
