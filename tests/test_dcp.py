@@ -120,9 +120,6 @@ def test_the_load_planner_renames_in_dcp_load(tmp_path):
     with pytest.raises(ckptmap.PlanError):  # the front door validates first: ckptmap's error
         ckptmap_dcp.load(fresh.state_dict(), folder, "")
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
-    transposed = 'strip "module."\ntransform "fc.bias" | reshape([10])'
-    with pytest.raises(ckptmap.LoadError, match="transforms are not yet"):
-        ckptmap_dcp.load(fresh.state_dict(), folder, transposed)
     plan = ckptmap_dcp.load(fresh.state_dict(), folder, 'strip "module."')
     assert plan.ok and torch.equal(fresh.fc.weight, old.fc.weight)
 
@@ -162,13 +159,10 @@ def _sharded_worker(rank: int, world: int, port: int, folder: str, out: str) -> 
             failed = "none"
         except ckptmap.CkptmapError as e:
             failed = e.code
-        model = torch.nn.Module()  # load_into does not load sharded models yet: said first
-        model.register_parameter("w", torch.nn.Parameter(target["w"]))
-        try:
-            ckptmap.load_into(model, {"w": full_w}, "")
-            sharded = "loaded"
-        except ckptmap.CkptmapError as e:
-            sharded = e.code
+        model = torch.nn.Module()  # load_into cuts each rank's box from whole tensors too
+        model.register_parameter("w", torch.nn.Parameter(torch.zeros_like(target["w"])))
+        ckptmap.load_into(model, {"w": full_w}, "")
+        sharded = "loaded" if torch.equal(model.w.full_tensor(), full_w) else "wrong"
         Path(out, f"rank{rank}").write_text(f"{same} {failed} {sharded}")
         dist.barrier()  # every rank done before any tears gloo down
     finally:
@@ -189,7 +183,7 @@ def test_the_load_planner_on_sharded_dtensors(tmp_path, world):
         _sharded_worker, args=(world, port, str(tmp_path / "ckpt"), str(tmp_path)), nprocs=world
     )
     results = [(tmp_path / f"rank{r}").read_text() for r in range(world)]
-    assert results == ["True CKM304 CKM410"] * world, results
+    assert results == ["True CKM304 loaded"] * world, results
 
 
 def test_the_state_dict_adapter_pair():
@@ -211,3 +205,77 @@ def test_the_state_dict_adapter_pair():
     assert fresh.to_hf(mine).keys() == hf.keys()
     with pytest.raises(ckptmap.UsageError, match="call from_hf first"):
         StateDictAdapter(rules).to_hf(mine)
+
+
+def test_the_load_planner_computes_transforms_from_boxes(tmp_path):
+    """One process: a fuse, a transpose and RoPE through DCP's FileSystemReader and
+    HuggingFaceStorageReader equal `load_into`; a Plan for another checkpoint is refused."""
+    from test_dcp_sharded import RULES, Model, source_tensors
+
+    from ckptmap.dcp import LoadPlanner, reader
+
+    src = source_tensors()
+    save_file(src, tmp_path / "src.safetensors")
+    folder = save_dcp(src, tmp_path / "src.dcp")
+    expected = Model()
+    ckptmap.load_into(expected, src, RULES)
+    for storage in (
+        dcp.FileSystemReader(str(folder)),
+        dcp.HuggingFaceStorageReader(str(tmp_path)),
+        reader(tmp_path / "src.safetensors"),
+    ):
+        model = Model()
+        planner = LoadPlanner(RULES)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(model.state_dict(), storage_reader=storage, planner=planner)
+        got = model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
+        assert planner.bytes_read == sum(t.numel() * 4 for t in src.values())
+    # a plan made for another checkpoint is refused before anything is read
+    other = ckptmap.compile(RULES).plan({**src, "emb.weight": torch.zeros(9, 5)})
+    with pytest.raises(ckptmap.LoadError) as e:
+        LoadPlanner(other).prepare(
+            Model().state_dict(), dcp.FileSystemReader(str(folder)).read_metadata()
+        )
+    assert e.value.code == "CKM411" and "emb.weight" in e.value.message
+
+
+def test_a_sharded_load_refuses_what_it_cannot_read_in_pieces(tmp_path):
+    from ckptmap.dcp import reader
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "x.pt")
+    with pytest.raises(ckptmap.LoadError) as e:
+        reader(tmp_path / "x.pt")
+    assert e.value.code == "CKM409" and "ckptmap apply" in e.value.hint
+
+
+def test_save_writes_back_under_the_original_names(tmp_path):
+    """One process (no process group): the inverted plan, through DCP's writer, to one
+    safetensors file, a Hugging Face folder, or a DCP folder; an existing output is kept."""
+    from test_dcp_sharded import RULES, Model, source_tensors
+
+    from ckptmap.dcp import save
+
+    src = source_tensors()
+    save_file(src, tmp_path / "src.safetensors")
+    model = Model()
+    ckptmap.load_into(model, tmp_path / "src.safetensors", RULES)
+    for out, size in (("back.safetensors", None), ("back-hf", 600), ("back.dcp", None)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            save(
+                model.state_dict(),
+                tmp_path / out,
+                RULES,
+                tmp_path / "src.safetensors",
+                max_shard_size=size,
+            )
+        back = open_checkpoint(tmp_path / out)
+        assert back.meta().keys() == src.keys(), out
+        assert all(torch.equal(back.get(k), v) for k, v in src.items()), out
+    assert len(list((tmp_path / "back-hf").glob("*.safetensors"))) > 1
+    assert not list(tmp_path.glob(".back*"))
+    with pytest.raises(ckptmap.CheckpointError) as e:
+        save(model.state_dict(), tmp_path / "back.safetensors", RULES, tmp_path / "src.safetensors")
+    assert e.value.code == "CKM533"

@@ -7,29 +7,491 @@ takes as its `planner`.
     dcp.load(model.state_dict(), storage_reader=dcp.FileSystemReader(path),
              planner=LoadPlanner('strip "module."\\nrename "layers" -> "blocks"'))
 
-The rules are planned from the checkpoint's metadata and the state_dict's shapes, on
-every rank alike (so a problem is the same `PlanError` on every rank, raised before any
-byte is read). The state_dict is then handed to DCP's own planner under the names the
-checkpoint has, the same tensor objects: DCP intersects each rank's shards with the
-checkpoint's chunks, so each rank reads only the bytes of its own shards. Renames, skip,
-init and policies work this way; tensor transforms are not yet supported here.
+The rules are planned from the checkpoint's metadata and the state_dict's (global) shapes,
+on every rank alike, before any byte is read. Renamed tensors go to DCP's own planner
+under the names the checkpoint has, the same tensor objects: DCP intersects each rank's
+shards with the checkpoint's chunks. A tensor computed by ops is read as the boxes of its
+sources that this rank's box of it is made of (`regions.py`: a fuse reads the rows of
+q, k and v its shard covers, a transpose the transposed box); an op that needs its input
+whole for that box (a RoPE permutation of some of the rows) reads it whole, computes,
+then cuts, never converting a slice.
 
-This module imports torch.distributed: `import ckptmap` does not load it.
+`load`, `load_into` (through `load_sharded`) and `save` are the front doors: they agree
+across ranks before anything is read or written (a problem on one rank is the same
+error on every rank) and stage what they load, so a model is as it was when anything
+fails. This module imports torch.distributed: `import ckptmap` does not load it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter, StorageReader
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from .compile import compile
-from .errors import LoadError, UsageError
-from .io.dcp import _quiet
+from .errors import CkptmapError, LoadError, UsageError
+from .io.dcp import _quiet, is_dcp, tensors_in
 from .meta import TensorMeta, dtype_name
+from .plan import Plan
+from .regions import Box, Recipes, cut, evaluate, is_empty, reads, whole, whole_reads
 
-__all__ = ["LoadPlanner", "StateDictAdapter", "load"]
+__all__ = ["LoadPlanner", "StateDictAdapter", "load", "reader", "save"]
+
+# the state_dict name of a box ckptmap reads to compute from: never a real tensor's name
+_MINE = "\x00ckptmap/"
+
+
+# --- one rank's view --------------------------------------------------------------------------
+
+
+def _local(tensor: torch.Tensor) -> tuple[Box, torch.Tensor]:
+    """The box of `tensor` this rank holds (global offsets and sizes), and its data."""
+    if hasattr(tensor, "__create_chunk_list__"):  # a DTensor
+        chunks = tensor.__create_chunk_list__()
+        if len(chunks) != 1:
+            raise LoadError(
+                f"a DTensor of {len(chunks)} local pieces is not supported", code="CKM409"
+            )
+        c = chunks[0]
+        return (tuple(c.offsets), tuple(c.sizes)), tensor.to_local()  # type: ignore[attr-defined]
+    return whole(tensor.shape), tensor
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _agree(step: Callable[[], Any]) -> Any:
+    """Run `step` on every rank; when it fails on any, every rank raises the same error
+    (the lowest failing rank's, naming it) before anything is read or written."""
+    error: CkptmapError | None = None
+    result = None
+    try:
+        result = step()
+    except CkptmapError as e:
+        error = e
+    except Exception as e:  # said on every rank, or the others would wait for it forever
+        error = LoadError(f"{type(e).__name__}: {e}", code="CKM410")
+    if _world() == 1:
+        if error is not None:
+            raise error
+        return result
+    errors: list[Any] = [None] * _world()
+    dist.all_gather_object(errors, error)
+    for rank, failed in enumerate(errors):
+        if failed is not None:
+            failed.details = [*failed.details, f"(raised on rank {rank} of {len(errors)})"]
+            raise failed
+    return result
+
+
+def _metas(state_dict: Mapping[str, Any]) -> dict[str, TensorMeta]:
+    """A state_dict's names, global shapes (a DTensor's whole shape) and dtypes."""
+    return {
+        k: TensorMeta(tuple(v.shape), dtype_name(v.dtype))
+        for k, v in state_dict.items()
+        if isinstance(v, torch.Tensor)
+    }
+
+
+# --- the planner ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class _Group:
+    """One computed tensor's box on this rank: what it is made of, and what is still unread."""
+
+    target: str
+    dest: torch.Tensor  # this rank's data of the target, where the box goes
+    node: Any
+    buffers: dict[int, torch.Tensor]  # by id of the Read
+    keys: list[str]
+    pending: int = 0
+
+
+class LoadPlanner(DefaultLoadPlanner):
+    """A DCP load planner that reads a checkpoint under ckptmap's rules.
+
+    `rules` as everywhere (rule text, a Path, a Ruleset, a Program) or a `Plan` made for
+    this checkpoint and state_dict. After `set_up_planner` (what DCP calls first), `plan`
+    is the ckptmap Plan; after `create_local_plan`, `bytes_read` is what this rank asks to
+    read (its pieces of every tensor) and `bytes_whole` the part of it read whole because
+    an op needs its input so.
+    """
+
+    def __init__(self, rules: Any, *, allow_partial_load: bool = False) -> None:
+        super().__init__(allow_partial_load=allow_partial_load)
+        self._given = rules if isinstance(rules, Plan) else None
+        self.program = None if self._given is not None else compile(rules)
+        self.plan: Any = None
+        self.bytes_read = 0
+        self.bytes_whole = 0
+        self._md: Any = None
+        self._computed: list[tuple[Any, torch.Tensor]] = []
+        self._groups: dict[str, tuple[_Group, torch.Tensor | None]] = {}
+        self._lock = threading.Lock()
+
+    def set_up_planner(
+        self, state_dict: dict[str, Any], metadata: Any = None, is_coordinator: bool = False
+    ) -> None:
+        renamed = self.prepare(state_dict, metadata)
+        super().set_up_planner(renamed, metadata, is_coordinator)
+
+    def prepare(self, state_dict: dict[str, Any], metadata: Any) -> dict[str, Any]:
+        """Plan the rules from the checkpoint's metadata onto the state_dict (raising the
+        plan's problems), and return the renamed part of the state_dict under the
+        checkpoint's names; the computed part is kept for `create_local_plan`."""
+        if metadata is None:
+            raise UsageError("the ckptmap LoadPlanner plans from the checkpoint's metadata")
+        source, target = tensors_in(metadata)[0], _metas(state_dict)
+        plan = self._plan_for(source, target).check()
+        self.plan, self._md = plan, metadata
+        by_value = {e.value: e.source for e in plan.sources}
+        renamed: dict[str, Any] = {}
+        self._computed = []
+        for o in plan.outputs:
+            if o.status != "loaded":
+                continue
+            if o.value in by_value and by_value[o.value] not in renamed:
+                renamed[by_value[o.value]] = state_dict[o.target]
+            else:  # made by ops, or a second name for one source: read as boxes
+                self._computed.append((o, state_dict[o.target]))
+        return renamed
+
+    def _plan_for(self, source: dict[str, TensorMeta], target: dict[str, TensorMeta]) -> Plan:
+        if self.program is not None:
+            return self.program.plan(source, target)
+        plan = self._given
+        assert plan is not None
+        wrong = [
+            e.source
+            for e in plan.sources
+            if e.source not in source or list(source[e.source].shape) != e.shape
+        ]
+        wrong += [
+            o.target
+            for o in plan.outputs
+            if o.status == "loaded"
+            and (o.target not in target or list(target[o.target].shape) != o.shape)
+        ]
+        if wrong:
+            raise LoadError(
+                f"the plan was made for another checkpoint or state_dict: {', '.join(wrong[:3])}"
+                f"{' …' if len(wrong) > 3 else ''} differ",
+                code="CKM411",
+            )
+        return plan
+
+    def create_local_plan(self) -> Any:
+        local = super().create_local_plan()
+        items = list(local.items)
+        self.bytes_read, self.bytes_whole = self._bytes(items), 0
+        self._groups = {}
+        recipes = Recipes(self.plan)
+        for output, tensor in self._computed:
+            box, data = _local(tensor)
+            if is_empty(box):
+                continue
+            group = _Group(output.target, data, recipes.of(output.value, box), {}, [])
+            items += self._reads_of(group)
+        return dataclasses.replace(local, items=items)
+
+    def _reads_of(self, group: _Group) -> list[Any]:
+        items: list[Any] = []
+        fallback = {id(r) for r in whole_reads(group.node)}
+        for r in reads(group.node):
+            md: Any = self._md.state_dict_metadata[r.source]
+            group.buffers[id(r)] = buffer = torch.empty(r.box[1], dtype=md.properties.dtype)
+            if is_empty(r.box):
+                continue
+            key = f"{_MINE}{len(self._groups)}"
+            group.keys.append(key)
+            self._groups[key] = (group, buffer)
+            chunk = ChunkStorageMetadata(offsets=torch.Size(r.box[0]), sizes=torch.Size(r.box[1]))
+            found = create_read_items_for_chunk_list(r.source, md, [chunk])
+            n = self._bytes(found)
+            self.bytes_read += n
+            self.bytes_whole += n if id(r) in fallback else 0
+            group.pending += len(found)
+            items += [
+                dataclasses.replace(i, dest_index=MetadataIndex(key, r.box[0], 0)) for i in found
+            ]
+        if not group.keys:  # nothing to read (a fill): computed when the plan is final
+            self._groups[f"{_MINE}{len(self._groups)}"] = (group, None)
+        return items
+
+    def _bytes(self, items: list[Any]) -> int:
+        sd: Any = self._md.state_dict_metadata
+        return sum(
+            math.prod(i.lengths) * sd[i.storage_index.fqn].properties.dtype.itemsize
+            for i in items
+            if getattr(sd.get(i.storage_index.fqn), "properties", None) is not None
+        )
+
+    def finish_plan(self, new_plan: Any) -> Any:
+        new_plan = super().finish_plan(new_plan)
+        for group, buffer in list(self._groups.values()):
+            if buffer is None:
+                self._finish(group)
+        return new_plan
+
+    def resolve_tensor(self, read_item: Any) -> Any:
+        key = read_item.dest_index.fqn
+        if not key.startswith(_MINE):
+            return super().resolve_tensor(read_item)
+        buffer = self._groups[key][1]
+        assert buffer is not None  # only boxes that are read have keys DCP sees
+        return cut(buffer, (tuple(read_item.dest_offsets), tuple(read_item.lengths)))
+
+    def commit_tensor(self, read_item: Any, tensor: Any) -> None:
+        key = read_item.dest_index.fqn
+        if not key.startswith(_MINE):
+            return super().commit_tensor(read_item, tensor)
+        group = self._groups[key][0]
+        with self._lock:
+            group.pending -= 1
+            ready = group.pending == 0
+        if ready:
+            self._finish(group)
+        return None
+
+    def _finish(self, group: _Group) -> None:
+        by_read = dict(group.buffers)
+        with torch.no_grad():
+            group.dest.copy_(evaluate(group.node, lambda r: by_read[id(r)]))
+        group.buffers.clear()
+        for key in group.keys:
+            self._groups.pop(key, None)
+
+
+# --- readers ----------------------------------------------------------------------------------
+
+
+class _Listed:
+    """A DCP file system that lists only the given files (a safetensors file of a folder,
+    or the shards a Hugging Face index names), for DCP's HuggingFaceStorageReader."""
+
+    def __init__(self, fs: Any, files: list[str]) -> None:
+        self._fs, self._files = fs, files
+
+    def ls(self, path: Any) -> list[str]:
+        return list(self._files)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fs, name)
+
+
+def reader(checkpoint: Any) -> StorageReader:
+    """DCP's own reader of a checkpoint: `FileSystemReader` for a DCP folder,
+    `HuggingFaceStorageReader` (slices of each tensor, read in place) for a safetensors
+    file or a Hugging Face folder. A StorageReader is taken as it is."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    if isinstance(checkpoint, StorageReader):
+        return checkpoint
+    path = Path(checkpoint).resolve()
+    if path.is_dir() and is_dcp(path):
+        return FileSystemReader(str(path))
+    files: list[Path] = []
+    if path.is_file() and path.suffix == ".safetensors":
+        files = [path]
+    elif path.is_dir():
+        from .io import open_checkpoint
+
+        files = [f for f in open_checkpoint(path).files if f.suffix == ".safetensors"]
+    if not files:
+        raise LoadError(
+            f"{path}: a sharded load reads its pieces from a DCP folder, a safetensors file "
+            "or a Hugging Face folder of them, not from this",
+            code="CKM409",
+            hint=f"convert it once: ckptmap apply RULES -s {path.name} -o model.safetensors",
+        )
+    hf = HuggingFaceStorageReader(str(files[0].parent))
+    hf.fs = _Listed(hf.fs, [str(f) for f in files])  # type: ignore[assignment]
+    return hf
+
+
+# --- front doors ------------------------------------------------------------------------------
+
+
+def load(state_dict: dict[str, Any], checkpoint: Any, rules: Any) -> Any:
+    """`dcp.load` of `checkpoint` (a DCP folder, a safetensors file, a Hugging Face folder
+    or a StorageReader) into `state_dict` under the rules, in place: validated first on
+    every rank, so a problem is ckptmap's own error, the same on every rank, before any
+    byte is read (inside `dcp.load` DCP wraps a planner's error in its
+    CheckpointException). Returns the ckptmap Plan; `ckptmap.load_into` on a sharded model
+    also stages what it reads, so the model is as it was when reading fails."""
+    storage = reader(checkpoint)
+    planner = LoadPlanner(rules)
+    with _quiet():
+        _agree(lambda: planner.prepare(state_dict, storage.read_metadata()))
+        _read(state_dict, storage, planner)
+    return planner.plan
+
+
+def _read(state_dict: dict[str, Any], storage: Any, planner: LoadPlanner) -> None:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp_load(state_dict, storage_reader=storage, planner=planner, no_dist=_world() == 1)
+    except CheckpointException as e:  # the same on every rank: DCP gathered the failures
+        failures = getattr(e, "failures", {}) or {}
+        first = min(failures) if failures else None
+        said = f"rank {first}: {failures[first]!r}" if first is not None else str(e)
+        raise LoadError(f"reading the checkpoint failed ({said[:300]})", code="CKM410") from None
+
+
+def load_sharded(model: torch.nn.Module, source: Any, plan_of: Callable[[Any], Plan]) -> Plan:
+    """`load_into` for a model with DTensor parameters (FSDP2, tensor parallel): each rank
+    reads the boxes of its own shards (a DCP folder, a safetensors file or a Hugging Face
+    folder through DCP's readers; a state_dict of whole tensors is cut in memory), staged
+    and copied in once every rank has read all of its part."""
+    from .apply import apply_plan, opened
+
+    state = model.state_dict()
+    if isinstance(source, Mapping):
+        plan = _agree(lambda: plan_of(source))
+        whole_tensors = apply_plan(plan, source)
+        staged = {k: cut(t, _local(state[k])[0]) for k, t in whole_tensors.items()}
+    else:
+        storage = reader(source)
+
+        def planned() -> Plan:
+            plan = plan_of(opened(source))
+            LoadPlanner(plan).prepare(state, storage.read_metadata())  # the reader agrees
+            return plan
+
+        with _quiet():
+            plan = _agree(planned)
+        loaded = [o.target for o in plan.outputs if o.status == "loaded"]
+        fresh = {k: torch.empty_like(state[k]) for k in loaded}
+        with _quiet():
+            _read(fresh, storage, LoadPlanner(plan))
+        staged = {k: _local(t)[1] for k, t in fresh.items()}
+    with torch.no_grad():
+        for name, tensor in staged.items():
+            _local(state[name])[1].copy_(tensor)
+    return plan
+
+
+def save(
+    state_dict: dict[str, Any],
+    out: Any,
+    rules: Any,
+    source: Any,
+    *,
+    max_shard_size: int | None = None,
+    overwrite: bool = False,
+) -> Plan:
+    """Write a (sharded) state_dict back under the names `rules` map from: `source` is
+    that checkpoint (a path) or its `{name: shape}`. The rules' plan from `source` onto
+    the state_dict, inverted entry by entry, renames each rank's DTensors (tensors made by
+    ops are gathered whole first); DCP's `FileSystemWriter` writes each rank's pieces into
+    a temporary DCP folder beside `out`, and rank 0 then writes `out` from it atomically:
+    one safetensors file, a Hugging Face folder (`max_shard_size`), or `NAME.dcp` as it
+    is. Every rank calls it; the file system is shared. Returns the inverted Plan."""
+    from .io.write import check_destination
+
+    out = Path(out)
+
+    def planned() -> Plan:
+        check_destination(out, sharded=max_shard_size is not None, overwrite=overwrite)
+        forward = compile(rules).plan(source, _metas(state_dict)).check()
+        return forward.inverse()
+
+    back = _agree(planned)
+    renamed = _renamed(back, state_dict)
+    tmp = _shared_folder(out)
+    try:
+        with _quiet():
+            dcp_save(
+                renamed,
+                storage_writer=FileSystemWriter(str(tmp), sync_files=True),
+                no_dist=_world() == 1,
+            )
+        _agree(lambda: _publish(tmp, out, back, max_shard_size, overwrite) if _rank() == 0 else 0)
+    finally:
+        if _rank() == 0 and tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return back
+
+
+def _rank() -> int:
+    return dist.get_rank() if _world() > 1 else 0
+
+
+def _renamed(plan: Plan, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The state_dict under the plan's output names: renamed tensors are the same objects
+    (each rank's shards); a tensor made by ops is computed from its sources gathered whole
+    (the same on every rank: DCP writes it once)."""
+    from .apply import Evaluator
+
+    by_value = {e.value: e.source for e in plan.sources}
+    loaded = [o for o in plan.outputs if o.status == "loaded"]
+    out = {o.target: state_dict[by_value[o.value]] for o in loaded if o.value in by_value}
+    computed = [o for o in loaded if o.value not in by_value]
+
+    def gathered(name: str) -> torch.Tensor:
+        t = state_dict[name]
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    evaluator = Evaluator(plan, gathered, [o.value for o in computed])
+    with torch.no_grad():
+        for o in computed:
+            out[o.target] = evaluator.take(o.value).clone()
+    return out
+
+
+def _shared_folder(out: Path) -> Path:
+    """A temporary folder beside `out`, named by rank 0 for every rank."""
+    import tempfile
+
+    name = [""]
+    if _rank() == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        name[0] = tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent)
+    if _world() > 1:
+        dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
+def _publish(tmp: Path, out: Path, plan: Plan, max_shard_size: int | None, overwrite: bool) -> int:
+    """Rank 0: `out` from the DCP folder every rank wrote its pieces into."""
+    from .io.dcp import DcpCheckpoint
+    from .io.write import _publish_folder, save_checkpoint
+
+    if out.suffix == ".dcp":
+        _publish_folder(tmp, out)
+        return 0
+    ckpt = DcpCheckpoint(tmp)
+    metadata = {
+        "ckptmap.rules_fingerprint": plan.rules_fingerprint,
+        "ckptmap.plan_fingerprint": plan.fingerprint,
+    }
+    items = sorted(ckpt.meta().items())
+    save_checkpoint(
+        out,
+        items,
+        ckpt.get,
+        metadata=metadata,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+    )
+    return 0
 
 
 class StateDictAdapter:
@@ -63,70 +525,3 @@ class StateDictAdapter:
                 )
             self._forward = self.program.plan(self.hf_keys).check()
         return self._forward.inverse().apply(state_dict)
-
-
-def load(state_dict: dict[str, Any], checkpoint: Any, rules: Any) -> Any:
-    """`dcp.load` of a DCP folder into `state_dict` under the rules: validated first, on
-    every rank alike, so a problem is raised as ckptmap's own error (a `PlanError`) before
-    any byte is read (inside `dcp.load` DCP wraps it in its CheckpointException). Returns
-    the ckptmap Plan."""
-    import torch.distributed.checkpoint as dcp
-
-    reader = dcp.FileSystemReader(str(checkpoint))
-    planner = LoadPlanner(rules)
-    with _quiet():
-        planner.prepare(state_dict, reader.read_metadata())
-        dcp.load(state_dict, storage_reader=reader, planner=planner)
-    return planner.plan
-
-
-class LoadPlanner(DefaultLoadPlanner):
-    """A DCP load planner that reads a checkpoint under ckptmap's rules.
-
-    `rules` as everywhere: rule text, a Path, a Ruleset or a Program. `plan` holds the
-    ckptmap Plan after `set_up_planner` (what DCP calls first), for its report.
-    """
-
-    def __init__(self, rules: Any, *, allow_partial_load: bool = False) -> None:
-        super().__init__(allow_partial_load=allow_partial_load)
-        self.program = compile(rules)
-        self.plan: Any = None
-
-    def set_up_planner(
-        self, state_dict: dict[str, Any], metadata: Any = None, is_coordinator: bool = False
-    ) -> None:
-        renamed = self.prepare(state_dict, metadata)
-        super().set_up_planner(renamed, metadata, is_coordinator)
-
-    def prepare(self, state_dict: dict[str, Any], metadata: Any) -> dict[str, Any]:
-        """Plan the rules from the checkpoint's metadata onto the state_dict (raising the
-        plan's problems), and return the state_dict under the checkpoint's names."""
-        if metadata is None:
-            raise UsageError("the ckptmap LoadPlanner plans from the checkpoint's metadata")
-        source = {
-            fqn: TensorMeta(tuple(entry.size), dtype_name(entry.properties.dtype))
-            for fqn, entry in metadata.state_dict_metadata.items()
-            if getattr(entry, "properties", None) is not None and hasattr(entry, "size")
-        }
-        target = {
-            key: TensorMeta(tuple(value.shape), dtype_name(value.dtype))  # a DTensor's global shape
-            for key, value in state_dict.items()
-            if isinstance(value, torch.Tensor)
-        }
-        plan = self.program.plan(source, target)
-        plan.check()  # the same on every rank: every rank raises the same error
-        by_value = {e.value: e.source for e in plan.sources}
-        computed = [
-            o.target for o in plan.outputs if o.status == "loaded" and o.value not in by_value
-        ]
-        if computed:
-            raise LoadError(
-                f"{len(computed)} tensors are computed by ops ({', '.join(computed[:3])}): a DCP "
-                "load maps renames, skip and init; transforms are not yet supported here",
-                code="CKM409",
-                hint="load with ckptmap.load_into, or convert the checkpoint with ckptmap apply",
-            )
-        self.plan = plan
-        return {
-            by_value[o.value]: state_dict[o.target] for o in plan.outputs if o.status == "loaded"
-        }

@@ -276,9 +276,15 @@ CODES: dict[str, tuple[type[CkptmapError], str]] = {
     "CKM408": (LoadError, "a model on the meta device: nothing to load into"),
     "CKM409": (
         LoadError,
-        "a DCP load whose plan computes tensors with ops (renames, skip and init only, so far)",
+        "a sharded load from what cannot be read in pieces (a torch file), or a DTensor of "
+        "several local pieces",
     ),
-    "CKM410": (LoadError, "a model with DTensor (sharded) parameters given to load_into"),
+    "CKM410": (
+        LoadError,
+        "a sharded load or save that failed on one rank (said on every rank); the model is as "
+        "it was",
+    ),
+    "CKM411": (LoadError, "a Plan given to LoadPlanner that was made for another checkpoint"),
     "CKM500": (CheckpointError, "a file that cannot be read or written safely (the class's code)"),
     "CKM600": (HistoryError, "a revision history that cannot be used as asked (the class's code)"),
     "CKM601": (HistoryError, "a history folder with no steps, or a step file without `revision`"),

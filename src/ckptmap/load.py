@@ -63,14 +63,24 @@ def load_into(
 
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"load_into loads into an nn.Module, not {type(model).__name__}")
-    _refuse_sharded_model(model)
-    source = opened(source)
     policies = {
         "on_mismatch": on_mismatch,
         "on_missing": on_missing,
         "on_unexpected": on_unexpected,
         "on_unused": on_unused,
     }
+    if _sharded(model):  # DTensor parameters: each rank reads its own boxes, through DCP
+        from .dcp import load_sharded
+
+        def checked(src: Any) -> Any:
+            plan = _plan_into(model, src, rules, policies, from_).check()
+            _refuse_complex_into_real(plan)
+            refuse_oversized(plan)
+            return plan
+
+        plan = load_sharded(model, source, checked)
+        return _freeze(model, plan)
+    source = opened(source)
     plan = _plan_into(model, source, rules, policies, from_)
     plan.check()
     # Everything is checked before the first tensor is written: shapes and names (the
@@ -93,7 +103,11 @@ def load_into(
         source if isinstance(source, Checkpoint) else None,
         transactional=transactional,
     )
+    return _freeze(model, plan)
 
+
+def _freeze(model: Any, plan: Any) -> Report:
+    """The plan's freeze decisions on the loaded model, and the Report."""
     decisions = {t.target: t.frozen for t in plan.trainable}
     frozen = []
     for name, param in model.named_parameters():
@@ -159,25 +173,12 @@ def _refuse_complex_into_real(plan: Any) -> None:
             )
 
 
-def _refuse_sharded_model(model: Any) -> None:
-    """DTensor parameters (FSDP2, tensor parallel) are loaded through DCP for now: said
-    before anything is read or written, not a failure halfway."""
+def _sharded(model: Any) -> bool:
+    """A model with DTensor parameters (FSDP2, tensor parallel)."""
     tensor_module = sys.modules.get("torch.distributed.tensor")  # loaded if a DTensor exists
-    if tensor_module is None:
-        return
-    sharded = [
-        name
-        for name, t in model.state_dict(keep_vars=True).items()
-        if isinstance(t, tensor_module.DTensor)
-    ]
-    if sharded:
-        raise LoadError(
-            f"{sharded[0]} (and {len(sharded) - 1} more) is a DTensor: load_into does not load "
-            "sharded models yet",
-            code="CKM410",
-            hint="save the checkpoint as a DCP folder (ckptmap apply ... -o x.dcp) and load it "
-            "with ckptmap.dcp.load(model.state_dict(), folder, rules)",
-        )
+    return tensor_module is not None and any(
+        isinstance(t, tensor_module.DTensor) for t in model.state_dict(keep_vars=True).values()
+    )
 
 
 def _refuse_meta_model(model: Any, plan: Any) -> None:

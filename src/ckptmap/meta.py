@@ -105,6 +105,8 @@ def ties_of(tensors: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
     """Keys whose tensors share storage (tied embeddings), grouped."""
     groups: dict[Any, list[str]] = defaultdict(list)
     for key, t in tensors.items():
+        if hasattr(t, "to_local"):  # a DTensor: tied when this rank's pieces are one storage
+            t = t.to_local()
         if t.device.type == "meta" or t.numel() == 0 or not has_plain_storage(t):
             ident: Any = ("object", id(t))
         else:

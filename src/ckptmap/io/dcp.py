@@ -35,6 +35,21 @@ def _quiet() -> Any:
         yield
 
 
+def tensors_in(metadata: Any) -> tuple[dict[str, TensorMeta], list[str]]:
+    """A DCP `Metadata`'s tensors (names, global shapes, dtypes), and the names of its
+    other entries (pickled objects)."""
+    tensors: dict[str, TensorMeta] = {}
+    others = []
+    for fqn, entry in metadata.state_dict_metadata.items():
+        size = getattr(entry, "size", None)
+        properties = getattr(entry, "properties", None)
+        if size is None or properties is None:  # BytesStorageMetadata: pickled objects
+            others.append(fqn)
+            continue
+        tensors[fqn] = TensorMeta(tuple(size), dtype_name(properties.dtype))
+    return tensors, others
+
+
 class DcpCheckpoint(Checkpoint):
     """A DCP folder as a checkpoint: tensors by their fully qualified names."""
 
@@ -53,15 +68,7 @@ class DcpCheckpoint(Checkpoint):
                 f"({type(e).__name__}: {str(e)[:200]})",
                 code="CKM526",
             ) from None
-        self._meta: dict[str, TensorMeta] = {}
-        others = []
-        for fqn, entry in metadata.state_dict_metadata.items():
-            size = getattr(entry, "size", None)
-            properties = getattr(entry, "properties", None)
-            if size is None or properties is None:  # BytesStorageMetadata: pickled objects
-                others.append(fqn)
-                continue
-            self._meta[fqn] = TensorMeta(tuple(size), dtype_name(properties.dtype))
+        self._meta, others = tensors_in(metadata)
         if others:
             shown = ", ".join(sorted(others)[:5]) + (" …" if len(others) > 5 else "")
             self.notes.append(f"{len(others)} non-tensor entries left out ({shown})")
@@ -82,8 +89,10 @@ class DcpCheckpoint(Checkpoint):
         tensor = torch.empty(m.shape, dtype=getattr(torch, m.dtype or "float32"))
         try:
             with _quiet():
-                self._dcp.load(
-                    {name: tensor}, storage_reader=self._dcp.FileSystemReader(str(self.folder))
+                self._dcp.load(  # this process alone, even when a process group exists
+                    {name: tensor},
+                    storage_reader=self._dcp.FileSystemReader(str(self.folder)),
+                    no_dist=True,
                 )
         except Exception as e:
             raise CheckpointError(
@@ -98,4 +107,8 @@ def save_dcp(folder: Path, tensors: dict[str, Any]) -> None:
     import torch.distributed.checkpoint as dcp
 
     with _quiet():
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(folder), sync_files=True))
+        dcp.save(
+            tensors,
+            storage_writer=dcp.FileSystemWriter(str(folder), sync_files=True),
+            no_dist=True,
+        )
