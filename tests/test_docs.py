@@ -5,13 +5,17 @@ Fences:  ```ckmap             parsed and compiled
          ```yaml file=NAME    written to NAME
          ```python            run in order, in one namespace per page, in the temp folder
          ```console           `$ ckptmap …` lines run in the temp folder; the lines after each
-                              are its exact output, and `[exit N]` its exit status
+                              are its exact output, and `[exit N]` its exit status;
+                              `$ torchrun …` runs processes for real (its stdout compared),
+                              under `--slow` only
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,7 +37,7 @@ def blocks(page: Path):
 
 
 @pytest.mark.parametrize("page", sorted(DOCS.glob("*.md")), ids=lambda p: p.name)
-def test_page_examples_run(page, tmp_path, monkeypatch):
+def test_page_examples_run(page, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": f"docs_{page.stem}"}
     ran = 0
@@ -45,7 +49,7 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
             ckptmap.compile(where if where else ckptmap.parse(body, f"{page.name}:{line}"))
             ran += 1
         elif lang == "console":
-            run_console(body, page.name, line)
+            run_console(body, page.name, line, request.config.getoption("--slow"))
             ran += 1
         elif lang == "python":
             code = compile("\n" * (line - 1) + body, str(page), "exec")
@@ -55,7 +59,7 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
     assert ran or "<!-- no runnable examples:" in page.read_text(), f"{page.name} runs nothing"
 
 
-def run_console(body: str, page: str, line: int) -> None:
+def run_console(body: str, page: str, line: int, slow: bool = False) -> None:
     runner = CliRunner(env={"COLUMNS": "100"})
     sessions: list[tuple[str, list[str]]] = []
     for text in body.splitlines():
@@ -66,11 +70,28 @@ def run_console(body: str, page: str, line: int) -> None:
     assert sessions, f"{page}:{line}: a console block without a $ command"
     for command, expected in sessions:
         args = shlex.split(command)
-        assert args[0] == "ckptmap", f"{page}:{line}: only ckptmap commands run here"
+        assert args[0] in ("ckptmap", "torchrun"), f"{page}:{line}: only ckptmap and torchrun run"
         status = 0
         if expected and expected[-1].startswith("[exit "):
             status = int(expected.pop()[6:-1])
+        if args[0] == "torchrun":
+            if slow:  # processes that start torch each: seconds, so with the slow tests
+                run_launched(args, expected, status, f"{page}:{line}")
+            continue
         result = runner.invoke(app, args[1:])
         got = [ln.rstrip() for ln in result.output.rstrip("\n").splitlines()]
         assert got == [ln.rstrip() for ln in expected], f"{page}:{line}: $ {command}"
         assert result.exit_code == status, f"{page}:{line}: $ {command}\n{result.output}"
+
+
+def run_launched(args: list[str], expected: list[str], status: int, where: str) -> None:
+    """`torchrun …` as processes: its stdout (what rank 0 prints) is the block's output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    got = [ln.rstrip() for ln in proc.stdout.rstrip("\n").splitlines()]
+    assert got == [ln.rstrip() for ln in expected], f"{where}: {proc.stderr[-2000:]}"
+    assert proc.returncode == status, f"{where}: {proc.stderr[-2000:]}"

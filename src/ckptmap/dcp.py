@@ -334,11 +334,11 @@ def load(state_dict: dict[str, Any], checkpoint: Any, rules: Any) -> Any:
     CheckpointException). Returns the ckptmap Plan; `ckptmap.load_into` on a sharded model
     also stages what it reads, so the model is as it was when reading fails."""
     storage = reader(checkpoint)
-    planner = LoadPlanner(rules)
+    first = LoadPlanner(rules)
     with _quiet():
-        _agree(lambda: planner.prepare(state_dict, storage.read_metadata()))
-        _read(state_dict, storage, planner)
-    return planner.plan
+        _agree(lambda: first.prepare(state_dict, storage.read_metadata()))
+        _read(state_dict, storage, LoadPlanner(first.plan))  # planned once: only checked again
+    return first.plan
 
 
 def _read(state_dict: dict[str, Any], storage: Any, planner: LoadPlanner) -> None:
