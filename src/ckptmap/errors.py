@@ -7,23 +7,10 @@ offending source line with a caret under the column, like a compiler.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
-
-
-class Span(BaseModel):
-    """Where a rule (or a piece of one) stands: file, 1-based line and column."""
-
-    model_config = ConfigDict(frozen=True)
-
-    file: str | None = None
-    line: int
-    column: int
-    end_line: int | None = None
-    end_column: int | None = None
-
-    def __str__(self) -> str:
-        return f"{self.file or '<rules>'}:{self.line}:{self.column}"
+if TYPE_CHECKING:
+    from .span import Span
 
 
 class CkptmapError(Exception):
@@ -370,3 +357,12 @@ def error_table() -> str:
     rows = ["| code | class | meaning |", "| --- | --- | --- |"]
     rows += [f"| {code} | `{cls.__name__}` | {meaning} |" for code, (cls, meaning) in CODES.items()]
     return "\n".join(rows) + "\n"
+
+
+def __getattr__(name: str) -> Any:
+    """`Span` lives in span.py (a pydantic model): importing the errors costs no pydantic."""
+    if name == "Span":
+        from .span import Span
+
+        return Span
+    raise AttributeError(f"module 'ckptmap.errors' has no attribute {name!r}")

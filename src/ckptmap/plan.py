@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
 
-from .errors import PlanError, Span
+from .errors import PlanError
 from .meta import Described, TensorMeta, dtype_name, itemsize  # noqa: F401 (their old home)
+from .span import Span
 from .version import __version__
 
 if TYPE_CHECKING:

@@ -31,7 +31,8 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import RuleSyntaxError, Span, UsageError
+from .errors import RuleSyntaxError, UsageError
+from .span import Span
 
 LANGUAGE_VERSION = 1
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .errors import RuleCompileError, Span, line_of
+from .errors import RuleCompileError, line_of
 from .ops import Op, OpArgError, make
 from .patterns import SKIP, Matcher, PatternError, Template, digit_template, hash_literals
 from .rules import (
@@ -34,6 +34,7 @@ from .rules import (
     quote,
     regex_literal,
 )
+from .span import Span
 
 if TYPE_CHECKING:
     from .pipeline import Builder

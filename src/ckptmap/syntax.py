@@ -18,7 +18,7 @@ from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
 from pydantic import ValidationError
 
-from .errors import CkptmapError, RuleSyntaxError, Span, UsageError, line_of, source_lines
+from .errors import CkptmapError, RuleSyntaxError, UsageError, line_of, source_lines
 from .limits import check_text_size
 from .rules import (
     ACTIONS,
@@ -46,6 +46,7 @@ from .rules import (
     statement_from_form,
 )
 from .shipped import SHIPPED_PREFIX, shipped_file, shipped_rule_file
+from .span import Span
 
 KEYWORDS = ("ckptmap", *STATEMENTS, "optional")
 _STRING = re.compile(r'"([^"\\\n]|\\[^\n])*"')
@@ -59,7 +60,64 @@ def grammar_text() -> str:
 
 @functools.cache
 def _parser() -> Lark:
-    return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=False)
+    """The LALR parser. Building its tables takes a tenth of a second, every process:
+    they are kept in the user's cache folder, keyed by the grammar and lark's version,
+    and rebuilt whenever that file is missing, foreign or unreadable."""
+    import hashlib
+
+    import lark
+
+    text = grammar_text()
+    options = {"parser": "lalr", "propagate_positions": True, "maybe_placeholders": False}
+    key = hashlib.sha256(f"{lark.__version__}\n{sorted(options.items())}\n{text}".encode())
+    cached = _cache_folder()
+    path = cached / f"grammar-{key.hexdigest()[:24]}.lark" if cached else None
+    if path is not None and path.is_file():
+        try:
+            with open(path, "rb") as f:
+                return Lark.load(f)
+        except Exception:  # cut short, or from another lark: built again below
+            pass
+    parser = Lark(text, **options)
+    if path is not None:
+        _save_parser(parser, path)
+    return parser
+
+
+def _cache_folder() -> Path | None:
+    """`$CKPTMAP_CACHE`, else `$XDG_CACHE_HOME/ckptmap`, else `~/.cache/ckptmap`: a folder
+    only this user can write (what is loaded from it is trusted); None when there is none."""
+    import os
+
+    base = os.environ.get("CKPTMAP_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "ckptmap",
+    )
+    folder = Path(base)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.stat()
+    except OSError:
+        return None
+    if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
+        return None  # someone else could have written what would be loaded
+    return folder
+
+
+def _save_parser(parser: Lark, path: Path) -> None:
+    """Written beside its place, then moved in: a reader never sees half a file."""
+    import os
+    import tempfile
+
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with open(fd, "wb") as f:
+            parser.save(f)
+        os.replace(tmp, path)
+    except OSError:  # no cache, then: the next process builds the tables again
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 # --- DSL ---------------------------------------------------------------------------------
