@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 PY = sys.executable
+# the installed command (a console script beside the interpreter), as a user runs it
+CLI = str(Path(PY).with_name("ckptmap"))
+WRAPPERS = Path(__file__).resolve().parents[1] / "rules" / "wrappers.ckmap"
 
 RULES = """\
 rename "model.layers.{i}.self_attn" -> "layers.{i}.attention"
@@ -481,6 +484,9 @@ def main() -> None:
             out,
         ),
         "import torch": ([PY, "-c", "import torch"], None),
+        "python -c pass": ([PY, "-c", "pass"], None),
+        "ckptmap --help": ([CLI, "--help"], None),
+        "ckptmap check rules/wrappers.ckmap": ([CLI, "check", str(WRAPPERS)], None),
         "torch.load + loop + torch.save": (
             [PY, "-c", NAIVE_TORCH.format(resub=RESUB, mmap=False), str(pt_path), str(out)],
             out,
@@ -730,6 +736,13 @@ def main() -> None:
             "renamed DCP load <= 1.2 x plain dcp.load (the call)",
             calls["ckptmap.dcp.load (renamed)"] / calls["dcp.load (same names)"],
             1.2,
+            "<=",
+        ),
+        ("ckptmap --help as a process (s)", w["ckptmap --help"], 0.25, "<="),
+        (
+            "ckptmap check rules/wrappers.ckmap as a process (s)",
+            w["ckptmap check rules/wrappers.ckmap"],
+            0.25,
             "<=",
         ),
         (

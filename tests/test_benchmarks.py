@@ -37,6 +37,6 @@ def test_harness_runs_and_reports_every_target(tmp_path):
         timeout=600,
     )
     data = json.loads(out.read_text())
-    assert len(data["checks"]) == 19
+    assert len(data["checks"]) == 21
     assert data["planning"]["keys"] == 300 and data["planning"]["ok"]
     assert {"cp", "ckptmap apply (rename, st -> st)"} <= set(data["results"])
