@@ -276,6 +276,10 @@ def test_save_writes_back_under_the_original_names(tmp_path):
         assert all(torch.equal(back.get(k), v) for k, v in src.items()), out
     assert len(list((tmp_path / "back-hf").glob("*.safetensors"))) > 1
     assert not list(tmp_path.glob(".back*"))
+    mode = (tmp_path / "back.dcp").stat().st_mode & 0o777
+    assert mode == (tmp_path / "back-hf").stat().st_mode & 0o777  # an output's, not 0700
+    with pytest.raises(ckptmap.UsageError, match="above 0"):
+        save(model, tmp_path / "x-hf", RULES, tmp_path / "src.safetensors", max_shard_size=0)
     with pytest.raises(ckptmap.CheckpointError) as e:
         save(model.state_dict(), tmp_path / "back.safetensors", RULES, tmp_path / "src.safetensors")
     assert e.value.code == "CKM533"

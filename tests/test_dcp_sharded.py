@@ -93,6 +93,55 @@ def boxes_bytes(model: nn.Module) -> tuple[int, int]:
     return boxes + whole, whole
 
 
+def _code(call) -> str:
+    try:
+        call()
+        return "ok"
+    except ckptmap.CkptmapError as e:
+        return e.code
+
+
+def refusals(rank: int, world: int, mesh, root: Path, src: dict) -> list[str]:
+    """What a sharded load says no to, alike on every rank, before anything is read:
+    a model on the meta device, a source of DTensors, a file one rank cannot find."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    with torch.device("meta"):
+        on_meta = Model()
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(on_meta, mesh=mesh)
+    dtensors = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in src.items()}
+    here = root / ("src.safetensors" if rank != world - 1 else "elsewhere.safetensors")
+    return [
+        _code(lambda: ckptmap.load_into(on_meta, root / "src.safetensors", RULES)),
+        _code(lambda: ckptmap.load_into(sharded(Model(), mesh), dtensors, RULES)),
+        _code(lambda: ckptmap.load_into(sharded(Model(), mesh), here, RULES)),
+    ]
+
+
+def with_a_load_hook(mesh, src: dict) -> bool:
+    """A module with a load pre-hook (it scales what it is given) loads as on one process:
+    the model's own load code runs."""
+
+    def hooked(model: nn.Module) -> nn.Module:
+        def scale(module, state_dict, prefix, *args):
+            key = prefix + "weight"
+            if key in state_dict:
+                state_dict[key] = state_dict[key] * 2
+
+        model.emb.register_load_state_dict_pre_hook(scale)
+        return model
+
+    one = hooked(Model())
+    ckptmap.load_into(one, src, RULES)
+    many = hooked(sharded(Model(), mesh))
+    ckptmap.load_into(many, src, RULES)
+    return all(
+        torch.equal(v.full_tensor(), one.state_dict()[k]) for k, v in many.state_dict().items()
+    )
+
+
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -199,11 +248,13 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         results["untouched"] = all(
             torch.equal(before[k], v.to_local()) for k, v in model.state_dict().items()
         )
+        results["refused"] = refusals(rank, world, mesh, root, src)
+        results["hooks"] = with_a_load_hook(mesh, src)
 
         # back under the original names: each rank writes its pieces, rank 0 one file
         loaded = sharded(Model(), mesh)
         ckptmap.load_into(loaded, root / "src.dcp", RULES)
-        save(loaded.state_dict(), root / "back.safetensors", RULES, root / "src.safetensors")
+        save(loaded, root / "back.safetensors", RULES, root / "src.safetensors")
         if rank == 0:
             back = load_file(root / "back.safetensors")
             results["saved back"] = back.keys() == src.keys() and all(
@@ -244,6 +295,8 @@ def test_sharded_loads_match_the_single_process_load(tmp_path, world):
             assert r[f"{reader} bytes"] == [expected, whole], (rank, reader, r)
         assert expected < r["total bytes"]
     assert ranks[0]["saved back"] is True and ranks[0]["no partial folders"] is True
+    assert all(r["refused"] == ["CKM408", "CKM409", "CKM501"] for r in ranks), ranks
+    assert all(r["hooks"] is True for r in ranks)
     # the same error, naming the rank it came from, on every rank
     assert len({json.dumps(r["errors"]) for r in ranks}) == 1, [r["errors"] for r in ranks]
     bad_rule, one_rank, cut_short = ranks[0]["errors"]

@@ -339,3 +339,9 @@ def test_reversing_pad_refuses_to_drop_the_added_rows():
     assert [p.kind for p in back.problems] == ["lossy"]
     assert torch.equal(back.apply(out)["head.bias"], torch.arange(10.0))
     assert ckptmap.compile('transform "head.bias" | pad(0, 0, 0)').plan(sd).inverse().ok
+
+
+def test_select_takes_indices_from_the_end_as_infer_allows():
+    sd = {"w": torch.arange(6.0).reshape(3, 2)}
+    got = ckptmap.migrate(sd, 'transform "w" | select(0, [-1, 0, 2])')[0]["w"]
+    assert torch.equal(got, sd["w"][[2, 0, 2]])

@@ -302,6 +302,10 @@ def reader(checkpoint: Any) -> StorageReader:
     if isinstance(checkpoint, StorageReader):
         return checkpoint
     path = Path(checkpoint).resolve()
+    if not path.exists():
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"{path}: no such file or directory", code="CKM501")
     if path.is_dir() and is_dcp(path):
         return FileSystemReader(str(path))
     files: list[Path] = []
@@ -333,10 +337,15 @@ def load(state_dict: dict[str, Any], checkpoint: Any, rules: Any) -> Any:
     byte is read (inside `dcp.load` DCP wraps a planner's error in its
     CheckpointException). Returns the ckptmap Plan; `ckptmap.load_into` on a sharded model
     also stages what it reads, so the model is as it was when reading fails."""
-    storage = reader(checkpoint)
     first = LoadPlanner(rules)
+
+    def planned() -> Any:
+        storage = reader(checkpoint)
+        first.prepare(state_dict, storage.read_metadata())
+        return storage
+
     with _quiet():
-        _agree(lambda: first.prepare(state_dict, storage.read_metadata()))
+        storage = _agree(planned)
         _read(state_dict, storage, LoadPlanner(first.plan))  # planned once: only checked again
     return first.plan
 
@@ -349,45 +358,113 @@ def _read(state_dict: dict[str, Any], storage: Any, planner: LoadPlanner) -> Non
     except CheckpointException as e:  # the same on every rank: DCP gathered the failures
         failures = getattr(e, "failures", {}) or {}
         first = min(failures) if failures else None
-        said = f"rank {first}: {failures[first]!r}" if first is not None else str(e)
+        cause = failures[first] if first is not None else e
+        if isinstance(cause, tuple):  # DCP keeps (exception, traceback summary)
+            cause = cause[0]
+        said = f"rank {first}: {type(cause).__name__}: {cause}" if first is not None else str(e)
         raise LoadError(f"reading the checkpoint failed ({said[:300]})", code="CKM410") from None
 
 
 def load_sharded(model: torch.nn.Module, source: Any, plan_of: Callable[[Any], Plan]) -> Plan:
     """`load_into` for a model with DTensor parameters (FSDP2, tensor parallel): each rank
     reads the boxes of its own shards (a DCP folder, a safetensors file or a Hugging Face
-    folder through DCP's readers; a state_dict of whole tensors is cut in memory), staged
-    and copied in once every rank has read all of its part."""
-    from .apply import apply_plan, opened
+    folder through DCP's readers; a state_dict of whole tensors is cut in memory), staged,
+    and put in once every rank has read all of its part. Every step that can fail is
+    agreed on: a failure on any rank is the same error on every rank, the model as it was."""
+    from .apply import opened
 
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=True)
     if isinstance(source, Mapping):
-        plan = _agree(lambda: plan_of(source))
-        whole_tensors = apply_plan(plan, source)
-        staged = {k: cut(t, _local(state[k])[0]) for k, t in whole_tensors.items()}
+        plan, staged = _agree(lambda: _cut_in_memory(source, plan_of, state))
     else:
-        storage = reader(source)
 
-        def planned() -> Plan:
-            plan = plan_of(opened(source))
-            LoadPlanner(plan).prepare(state, storage.read_metadata())  # the reader agrees
-            return plan
+        def planned() -> tuple[Plan, Any]:
+            storage = reader(source)
+            plan = plan_of(opened(source))  # its warnings are the user's: not quieted
+            with _quiet():
+                LoadPlanner(plan).prepare(state, storage.read_metadata())  # the reader agrees
+            return plan, storage
 
-        with _quiet():
-            plan = _agree(planned)
+        plan, storage = _agree(planned)
         loaded = [o.target for o in plan.outputs if o.status == "loaded"]
-        fresh = {k: torch.empty_like(state[k]) for k in loaded}
+        fresh = {k: torch.empty_like(state[k].detach()) for k in loaded}
         with _quiet():
             _read(fresh, storage, LoadPlanner(plan))
         staged = {k: _local(t)[1] for k, t in fresh.items()}
-    with torch.no_grad():
-        for name, tensor in staged.items():
-            _local(state[name])[1].copy_(tensor)
+    _put_in(model, state, staged)
     return plan
 
 
+def _cut_in_memory(source: Mapping, plan_of: Callable[[Any], Plan], state: dict) -> Any:
+    """From a state_dict of whole tensors (the same on every rank): each rank's boxes,
+    copied out (a source that is the model's own tensors stays as it was)."""
+    from .apply import apply_plan, checked_source, refuse_unloadable
+
+    plan = plan_of(source)
+    given = [k for k, v in source.items() if hasattr(v, "to_local")]
+    if given:
+        raise LoadError(
+            f"{given[0]} (and {len(given) - 1} more) in the source is a DTensor: a sharded "
+            "load takes whole tensors, or a checkpoint on disk",
+            code="CKM409",
+            hint="save the sharded state_dict with dcp.save and load that folder",
+        )
+    refuse_unloadable(plan, source, checked_source(plan, source))
+    made = apply_plan(plan, source)
+    return plan, {k: cut(t, _local(state[k])[0]).clone() for k, t in made.items()}
+
+
+def _put_in(model: torch.nn.Module, state: dict, staged: dict[str, torch.Tensor]) -> None:
+    """The staged pieces into the model. A model whose modules load their own way (an
+    override of `_load_from_state_dict`, load hooks, FSDP2's) is given them through
+    `load_state_dict`, as on one process; if that fails on any rank, every rank puts its
+    old pieces back."""
+    from torch.distributed.tensor import DTensor
+
+    from .apply import _plain
+
+    if all(_plain(m) for m in model.modules()):
+        with torch.no_grad():
+            for name, tensor in staged.items():
+                _local(state[name])[1].copy_(tensor)
+        return
+    old = {name: _local(state[name])[1].clone() for name in staged}
+    values = {}
+    for name, piece in staged.items():
+        t = state[name]
+        values[name] = (
+            DTensor.from_local(
+                piece,
+                t.device_mesh,
+                t.placements,
+                run_check=False,
+                shape=t.shape,
+                stride=t.stride(),
+            )
+            if isinstance(t, DTensor)
+            else piece
+        )
+
+    def load() -> None:
+        try:
+            model.load_state_dict(values, strict=False)
+        except Exception as e:
+            raise LoadError(
+                f"loading failed in the model's own code ({type(e).__name__}: {str(e)[:200]})",
+                code="CKM405",
+            ) from None
+
+    try:
+        _agree(load)
+    except CkptmapError:
+        with torch.no_grad():
+            for name, piece in old.items():
+                _local(state[name])[1].copy_(piece)
+        raise
+
+
 def save(
-    state_dict: dict[str, Any],
+    state_dict: dict[str, Any] | torch.nn.Module,
     out: Any,
     rules: Any,
     source: Any,
@@ -395,7 +472,8 @@ def save(
     max_shard_size: int | None = None,
     overwrite: bool = False,
 ) -> Plan:
-    """Write a (sharded) state_dict back under the names `rules` map from: `source` is
+    """Write a (sharded) model or state_dict back under the names `rules` map from (a
+    model's tied parameters are known by identity, a state_dict's by storage): `source` is
     that checkpoint (a path) or its `{name: shape}`. The rules' plan from `source` onto
     the state_dict, inverted entry by entry, renames each rank's DTensors (tensors made by
     ops are gathered whole first); DCP's `FileSystemWriter` writes each rank's pieces into
@@ -405,14 +483,18 @@ def save(
     from .io.write import check_destination
 
     out = Path(out)
+    if max_shard_size is not None and max_shard_size <= 0:
+        raise UsageError(f"max_shard_size is a number of bytes above 0, not {max_shard_size}")
 
     def planned() -> Plan:
         check_destination(out, sharded=max_shard_size is not None, overwrite=overwrite)
-        forward = compile(rules).plan(source, _metas(state_dict)).check()
+        forward = compile(rules).plan(source, given).check()
         return forward.inverse()
 
+    given = state_dict
+    tensors = state_dict.state_dict() if isinstance(state_dict, torch.nn.Module) else state_dict
     back = _agree(planned)
-    renamed = _renamed(back, state_dict)
+    renamed = _renamed(back, tensors)
     tmp = _shared_folder(out)
     try:
         with _quiet():
@@ -475,6 +557,11 @@ def _publish(tmp: Path, out: Path, plan: Plan, max_shard_size: int | None, overw
     from .io.write import _publish_folder, save_checkpoint
 
     if out.suffix == ".dcp":
+        import os
+
+        from .io.write import _umask
+
+        os.chmod(tmp, 0o777 & ~_umask())  # an output's permissions, not a temporary's
         _publish_folder(tmp, out)
         return 0
     ckpt = DcpCheckpoint(tmp)

@@ -70,16 +70,7 @@ def load_into(
         "on_unused": on_unused,
     }
     if _sharded(model):  # DTensor parameters: each rank reads its own boxes, through DCP
-        from .dcp import load_sharded
-
-        def checked(src: Any) -> Any:
-            plan = _plan_into(model, src, rules, policies, from_).check()
-            _refuse_complex_into_real(plan)
-            refuse_oversized(plan)
-            return plan
-
-        plan = load_sharded(model, source, checked)
-        return _freeze(model, plan)
+        return _freeze(model, _load_sharded(model, source, rules, policies, from_))
     source = opened(source)
     plan = _plan_into(model, source, rules, policies, from_)
     plan.check()
@@ -104,6 +95,23 @@ def load_into(
         transactional=transactional,
     )
     return _freeze(model, plan)
+
+
+def _load_sharded(model: Any, source: Any, rules: Any, policies: dict, from_: Any) -> Any:
+    """load_into's checks, made on every rank by `ckptmap.dcp.load_sharded`."""
+    from .dcp import load_sharded
+
+    def checked(src: Any) -> Any:
+        plan = _plan_into(model, src, rules, policies, from_).check()
+        _refuse_complex_into_real(plan)
+        refuse_oversized(plan)
+        _refuse_meta_model(model, plan)
+        if plan.warnings:  # on every rank, before anything is read
+            message = "ckptmap: " + "\n".join(render_problems(plan.warnings, plan))
+            warnings.warn(message, stacklevel=6)
+        return plan
+
+    return load_sharded(model, source, checked)
 
 
 def _freeze(model: Any, plan: Any) -> Report:
@@ -187,7 +195,7 @@ def _refuse_meta_model(model: Any, plan: Any) -> None:
     meta = [
         o.target
         for o in plan.outputs
-        if o.status == "loaded" and state.get(o.target) is not None and state[o.target].is_meta
+        if o.status == "loaded" and state.get(o.target) is not None and _on_meta(state[o.target])
     ]
     if meta:
         raise LoadError(
@@ -196,6 +204,11 @@ def _refuse_meta_model(model: Any, plan: Any) -> None:
             code="CKM408",
             hint="build the model on a real device first (model.to_empty(device='cpu'))",
         )
+
+
+def _on_meta(t: Any) -> bool:
+    """A tensor, or this rank's piece of a DTensor, on the meta device."""
+    return (t.to_local() if hasattr(t, "to_local") else t).is_meta
 
 
 def _apart_from(model: Any, tensors: Any) -> Any:

@@ -104,11 +104,11 @@ def has_plain_storage(t: Any) -> bool:
 def ties_of(tensors: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
     """Keys whose tensors share storage (tied embeddings), grouped."""
     groups: dict[Any, list[str]] = defaultdict(list)
-    for key, t in tensors.items():
-        if hasattr(t, "to_local"):  # a DTensor: tied when this rank's pieces are one storage
-            t = t.to_local()
+    for key, given in tensors.items():
+        # a DTensor: tied when this rank's pieces are one storage (or it is one object)
+        t = given.to_local() if hasattr(given, "to_local") else given
         if t.device.type == "meta" or t.numel() == 0 or not has_plain_storage(t):
-            ident: Any = ("object", id(t))
+            ident: Any = ("object", id(given))  # the mapping's own object: alive, its id unique
         else:
             ident = (
                 t.untyped_storage().data_ptr(),

@@ -329,7 +329,8 @@ class Select(Op):
     def run(self, xs):
         import torch
 
-        index = torch.tensor(list(self.args[1]), dtype=torch.long)
+        n = xs[0].shape[self.args[0]]
+        index = torch.tensor([i % n for i in self.args[1]], dtype=torch.long)  # -1: the last
         return [xs[0].index_select(self.args[0], index)]
 
     def _order(self, ins):
