@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from models import ResNet, wrapped
+from ranks import gloo, spawn
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -125,17 +126,12 @@ def test_the_load_planner_renames_in_dcp_load(tmp_path):
 
 
 def _sharded_worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
-    import os
-
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     import ckptmap.dcp as ckptmap_dcp
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo(rank, world, port):
         mesh = init_device_mesh("cpu", (world,))
         g = torch.Generator().manual_seed(0)
         full_w, full_v = torch.randn(5, 4, generator=g), torch.randn(3, 7, generator=g)  # uneven
@@ -164,24 +160,12 @@ def _sharded_worker(rank: int, world: int, port: int, folder: str, out: str) -> 
         ckptmap.load_into(model, {"w": full_w}, "")
         sharded = "loaded" if torch.equal(model.w.full_tensor(), full_w) else "wrong"
         Path(out, f"rank{rank}").write_text(f"{same} {failed} {sharded}")
-        dist.barrier()  # every rank done before any tears gloo down
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_the_load_planner_on_sharded_dtensors(tmp_path, world):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(
-        _sharded_worker, args=(world, port, str(tmp_path / "ckpt"), str(tmp_path)), nprocs=world
-    )
+    spawn(_sharded_worker, world, str(tmp_path / "ckpt"), str(tmp_path))
     results = [(tmp_path / f"rank{r}").read_text() for r in range(world)]
     assert results == ["True CKM304 loaded"] * world, results
 

@@ -10,14 +10,13 @@ model back under the original names."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from ranks import gloo, spawn
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -151,11 +150,9 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
 
     from ckptmap.dcp import LoadPlanner, save
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     warnings.simplefilter("ignore")  # DCP's notes on one-file checkpoints and CPU gloo
     results: dict[str, object] = {}
-    try:
+    with gloo(rank, world, port):
         mesh = init_device_mesh("cpu", (world,))
         root = Path(tmp)
         src = source_tensors()
@@ -262,20 +259,12 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
             )
             results["no partial folders"] = not list(root.glob(".back*"))
         Path(tmp, f"rank{rank}.json").write_text(json.dumps(results))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_loads_match_the_single_process_load(tmp_path, world):
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(world, port, str(tmp_path)), nprocs=world)
+    spawn(_worker, world, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     for rank, r in enumerate(ranks):
         for key in (
