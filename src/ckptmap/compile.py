@@ -76,7 +76,8 @@ class Program:
         """
         # the readers and the planner load on first use: `import ckptmap` stays light
         from .io import describe
-        from .resolve import _no_gc, build_plan
+        from .alloc import no_gc
+        from .resolve import build_plan
 
         policies = overridden(
             self.policies,
@@ -85,7 +86,7 @@ class Program:
             unexpected=on_unexpected,
             unused=on_unused,
         )
-        with _no_gc():  # headers and plans: many small objects, none of them garbage
+        with no_gc():  # headers and plans: many small objects, none of them garbage
             target_desc = describe(target, role="target") if target is not None else None
             source_desc = describe(source, role="source")
             try:

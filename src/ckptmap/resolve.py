@@ -8,12 +8,11 @@ freeze/unfreeze decide, unused rules are found with their near misses, and the
 
 from __future__ import annotations
 
-import contextlib
-import gc
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .alloc import no_gc
 from .meta import Described
 from .pipeline import Builder
 from .plan import (
@@ -36,32 +35,10 @@ if TYPE_CHECKING:
     from .statements import Rule
 
 
-@contextlib.contextmanager
-def _no_gc():
-    """Planning allocates a few objects per key and frees none of them: with 100k keys the
-    cyclic collector would rescan the growing heap again and again for nothing.
-
-    On the way out everything made meanwhile is moved to the oldest generation (freeze,
-    then unfreeze: two list splices) rather than left young, where the first collection
-    after re-enabling would walk all of it at once. Skipped when the caller has frozen
-    objects of its own: unfreezing would release them.
-    """
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            if gc.get_freeze_count() == 0:
-                gc.freeze()
-                gc.unfreeze()
-            gc.enable()
-
-
 def build_plan(
     program: Program, source: Described, target: Described | None, policies: dict[str, str]
 ) -> Plan:
-    with _no_gc():
+    with no_gc():
         return _build_plan(program, source, target, policies)
 
 
