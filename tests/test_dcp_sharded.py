@@ -141,6 +141,35 @@ def with_a_load_hook(mesh, src: dict) -> bool:
     )
 
 
+def hooks_on_one_rank(rank: int, world: int, mesh, src: dict) -> list[str]:
+    """Load code on the last rank only: a harmless hook (no hang, loaded), one that writes
+    a buffer the plan does not load and then raises (the same error everywhere, nothing
+    changed on any rank), one that says a key is missing (refused everywhere)."""
+    last = rank == world - 1
+
+    def harmless(module, keys):
+        return None
+
+    def writes_then_raises(module, keys):
+        module.weight.to_local().fill_(7)  # what it writes must be put back too
+        raise ValueError("boom")
+
+    def says_missing(module, keys):
+        keys.missing_keys.append("emb.scale")
+
+    out = []
+    for hook in (harmless, writes_then_raises, says_missing):
+        model = sharded(Model(), mesh)
+        before = {k: v.to_local().clone() for k, v in model.state_dict().items()}
+        if last:
+            model.norm.register_load_state_dict_post_hook(hook)
+        code = _code(lambda m=model: ckptmap.load_into(m, src, RULES))
+        after = model.state_dict()
+        same = all(torch.equal(before[k], v.to_local()) for k, v in after.items())
+        out.append(f"{code} {'untouched' if same else 'loaded'}")
+    return out
+
+
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -247,6 +276,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         )
         results["refused"] = refusals(rank, world, mesh, root, src)
         results["hooks"] = with_a_load_hook(mesh, src)
+        results["hooks on one rank"] = hooks_on_one_rank(rank, world, mesh, src)
 
         # back under the original names: each rank writes its pieces, rank 0 one file
         loaded = sharded(Model(), mesh)
@@ -286,6 +316,8 @@ def test_sharded_loads_match_the_single_process_load(tmp_path, world):
     assert ranks[0]["saved back"] is True and ranks[0]["no partial folders"] is True
     assert all(r["refused"] == ["CKM408", "CKM409", "CKM501"] for r in ranks), ranks
     assert all(r["hooks"] is True for r in ranks)
+    expected = ["ok loaded", "CKM405 untouched", "CKM404 untouched"]
+    assert all(r["hooks on one rank"] == expected for r in ranks), ranks
     # the same error, naming the rank it came from, on every rank
     assert len({json.dumps(r["errors"]) for r in ranks}) == 1, [r["errors"] for r in ranks]
     bad_rule, one_rank, cut_short = ranks[0]["errors"]

@@ -75,8 +75,8 @@ class Program:
         `nn.Module` or a checkpoint path. Per-call policies override the rules'.
         """
         # the readers and the planner load on first use: `import ckptmap` stays light
-        from .io import describe
         from .alloc import no_gc
+        from .io import describe
         from .resolve import build_plan
 
         policies = overridden(

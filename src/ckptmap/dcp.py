@@ -416,51 +416,75 @@ def _cut_in_memory(source: Mapping, plan_of: Callable[[Any], Plan], state: dict)
 
 def _put_in(model: torch.nn.Module, state: dict, staged: dict[str, torch.Tensor]) -> None:
     """The staged pieces into the model. A model whose modules load their own way (an
-    override of `_load_from_state_dict`, load hooks, FSDP2's) is given them through
-    `load_state_dict`, as on one process; if that fails on any rank, every rank puts its
-    old pieces back."""
-    from torch.distributed.tensor import DTensor
-
+    override of `_load_from_state_dict`, load hooks, FSDP2's) on any rank is given them
+    through `load_state_dict` on every rank, as on one process: what a hook says is
+    missing or unexpected is refused (CKM404), and if anything fails on any rank, every
+    rank puts back all it held in those modules, loaded by the plan or not."""
     from .apply import _plain
 
-    if all(_plain(m) for m in model.modules()):
+    if _everywhere(all(_plain(m) for m in model.modules())):
         with torch.no_grad():
             for name, tensor in staged.items():
                 _local(state[name])[1].copy_(tensor)
         return
-    old = {name: _local(state[name])[1].clone() for name in staged}
-    values = {}
-    for name, piece in staged.items():
-        t = state[name]
-        values[name] = (
-            DTensor.from_local(
-                piece,
-                t.device_mesh,
-                t.placements,
-                run_check=False,
-                shape=t.shape,
-                stride=t.stride(),
-            )
-            if isinstance(t, DTensor)
-            else piece
-        )
+    kept = {id(state[name]): state[name] for name in staged}
+    for module in model.modules():
+        if not _plain(module):  # its own code may write anything of its subtree
+            kept.update((id(t), t) for t in (*module.parameters(), *module.buffers()))
+    old = [(_local(t)[1], _local(t)[1].clone()) for t in kept.values()]
+    values = {name: _as_placed(piece, state[name]) for name, piece in staged.items()}
+    natural = set(state) - set(values)  # not loaded by the plan: missing by design
 
     def load() -> None:
         try:
-            model.load_state_dict(values, strict=False)
+            said = model.load_state_dict(values, strict=False)
         except Exception as e:
             raise LoadError(
                 f"loading failed in the model's own code ({type(e).__name__}: {str(e)[:200]})",
                 code="CKM405",
             ) from None
+        refused = [f"{k} is missing" for k in said.missing_keys if k not in natural]
+        refused += [f"{k} is unexpected" for k in said.unexpected_keys]
+        if refused:
+            raise LoadError(
+                f"the model refused what the plan sent it: its load code says {refused[0]}"
+                f"{f' (and {len(refused) - 1} more)' if len(refused) > 1 else ''}; the model "
+                "is as it was",
+                code="CKM404",
+            )
 
     try:
         _agree(load)
     except CkptmapError:
         with torch.no_grad():
-            for name, piece in old.items():
-                _local(state[name])[1].copy_(piece)
+            for data, piece in old:
+                data.copy_(piece)
         raise
+
+
+def _as_placed(piece: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's piece as a DTensor placed like the model's (no communication)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(like, DTensor):
+        return piece
+    return DTensor.from_local(
+        piece,
+        like.device_mesh,
+        like.placements,
+        run_check=False,
+        shape=like.shape,
+        stride=like.stride(),
+    )
+
+
+def _everywhere(flag: bool) -> bool:
+    """True when `flag` is true on every rank (a choice every rank then makes alike)."""
+    if _world() == 1:
+        return flag
+    flags: list[Any] = [None] * _world()
+    dist.all_gather_object(flags, flag)
+    return all(flags)
 
 
 def save(
