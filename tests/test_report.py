@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from models import ResNet, wrapped
 
 import ckptmap
@@ -76,3 +78,41 @@ def test_collapse_keys(keys, expected):
 def test_format_numbers():
     assert format_numbers([3]) == "3"
     assert format_numbers([0, 1, 2, 3, 7, 9, 10, 11]) == "{0..3,7,9..11}"
+
+
+def _expand(pattern: str) -> set[str]:
+    """Every key a collapsed line stands for ({0..2,5} ranges, position by position)."""
+    import itertools
+    import re
+
+    pieces = re.split(r"\{([^}]*)\}", pattern)
+    choices = []
+    for i, piece in enumerate(pieces):
+        if i % 2 == 0:
+            choices.append([piece])
+            continue
+        numbers = []
+        for run in piece.split(","):
+            a, _, b = run.partition("..")
+            numbers += range(int(a), int(b or a) + 1)
+        choices.append([str(n) for n in numbers])
+    return {"".join(c) for c in itertools.product(*choices)}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 4), st.sampled_from(["up", "gate", "bias"])),
+        min_size=1,
+        max_size=40,
+        unique=True,
+    )
+)
+def test_collapsed_lines_stand_for_exactly_the_keys(triples):
+    keys = [f"layers.{a}.experts.{b}.{c}" for a, b, c in triples]
+    lines = collapse_keys(keys)
+    assert sum(n for _, n in lines) == len(keys)
+    for key in keys:  # each key on exactly one line (numbers that move together read as one)
+        assert sum(key in _expand(line) for line, _ in lines) == 1, (key, lines)
+    for line, n in lines:
+        assert n <= len(_expand(line))

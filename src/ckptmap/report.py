@@ -293,25 +293,24 @@ def collapse_keys(keys: Iterable[str]) -> list[tuple[str, int]]:
     its target: `h.{0..11}.attn -> blocks.{0..11}.attn`) fold as one.
     """
     groups: dict[tuple, list[tuple[int, ...]]] = {}
+    seen: dict[str, tuple[Any, int | None]] = {}  # segment -> (its part, its number): few differ
     for key in keys:
         parts: list[Any] = []
         numbers: list[int] = []
         for seg in key.split("."):
-            m = _NUMBERED.fullmatch(seg)
-            if m:
-                parts.append((m.group(1),))
-                numbers.append(int(m.group(2)))
-            else:
-                parts.append(seg)
+            known = seen.get(seg)
+            if known is None:
+                m = _NUMBERED.fullmatch(seg)
+                known = seen[seg] = ((m.group(1),), int(m.group(2))) if m else (seg, None)
+            parts.append(known[0])
+            if known[1] is not None:
+                numbers.append(known[1])
         groups.setdefault(tuple(parts), []).append(tuple(numbers))
     out = []
     for template, vectors in groups.items():
         classes = _linked_positions(vectors)
-        entries: dict[tuple, int] = {}
-        for vec in vectors:
-            reduced = tuple(frozenset([vec[c[0]]]) for c in classes)
-            entries[reduced] = entries.get(reduced, 0) + 1
-        for pos in reversed(range(len(classes))):
+        entries = _fold_last(vectors, [c[0] for c in classes])
+        for pos in reversed(range(len(classes) - 1)):
             merged: dict[tuple, list] = {}
             for entry, count in entries.items():
                 slot = entry[:pos] + entry[pos + 1 :]
@@ -337,11 +336,34 @@ def collapse_keys(keys: Iterable[str]) -> list[tuple[str, int]]:
     return out
 
 
+def _fold_last(vectors: list[tuple[int, ...]], firsts: list[int]) -> dict[tuple, int]:
+    """The first fold, on plain numbers (most of the work: one entry per key): vectors
+    that differ only in the last class's number become one entry with all of them."""
+    if not firsts:
+        return {(): len(vectors)}
+    merged: dict[tuple[int, ...], list] = {}
+    *head, last = firsts
+    for vec in vectors:
+        slot = tuple([vec[p] for p in head])
+        found = merged.get(slot)
+        if found is None:
+            merged[slot] = [{vec[last]}, 1]
+        else:
+            found[0].add(vec[last])
+            found[1] += 1
+    return {
+        (*(frozenset([n]) for n in slot), frozenset(nums)): count
+        for slot, (nums, count) in merged.items()
+    }
+
+
 def _linked_positions(vectors: list[tuple[int, ...]]) -> list[list[int]]:
     """Positions that hold the same number in every vector, grouped (partition refinement)."""
     width = len(vectors[0]) if vectors else 0
     classes = [list(range(width))] if width else []
     for vec in vectors:
+        if len(classes) == width:  # every position apart already: nothing left to refine
+            break
         refined: list[list[int]] = []
         for cls in classes:
             by_value: dict[int, list[int]] = {}
