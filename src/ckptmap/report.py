@@ -309,8 +309,11 @@ def collapse_keys(keys: Iterable[str]) -> list[tuple[str, int]]:
     out = []
     for template, vectors in groups.items():
         classes = _linked_positions(vectors)
-        entries = _fold_last(vectors, [c[0] for c in classes])
-        for pos in reversed(range(len(classes) - 1)):
+        columns = list(zip(*vectors, strict=True))
+        # a class with one number in every key folds nothing: left out of the folding
+        varying = [i for i, c in enumerate(classes) if len(set(columns[c[0]])) > 1]
+        entries = _fold_last(vectors, [classes[i][0] for i in varying])
+        for pos in reversed(range(len(varying) - 1)):
             merged: dict[tuple, list] = {}
             for entry, count in entries.items():
                 slot = entry[:pos] + entry[pos + 1 :]
@@ -324,11 +327,14 @@ def collapse_keys(keys: Iterable[str]) -> list[tuple[str, int]]:
                 for slot, (nums, count) in merged.items()
             }
         class_of = {p: i for i, c in enumerate(classes) for p in c}
+        where = {ci: i for i, ci in enumerate(varying)}
         for entry, count in entries.items():
             parts, k = [], 0
             for seg in template:
                 if isinstance(seg, tuple):
-                    parts.append(seg[0] + format_numbers(sorted(entry[class_of[k]])))
+                    ci = class_of[k]
+                    held = entry[where[ci]] if ci in where else {columns[classes[ci][0]][0]}
+                    parts.append(seg[0] + format_numbers(sorted(held)))
                     k += 1
                 else:
                     parts.append(seg)
@@ -341,15 +347,16 @@ def _fold_last(vectors: list[tuple[int, ...]], firsts: list[int]) -> dict[tuple,
     that differ only in the last class's number become one entry with all of them."""
     if not firsts:
         return {(): len(vectors)}
-    merged: dict[tuple[int, ...], list] = {}
+    columns = list(zip(*vectors, strict=True))
     *head, last = firsts
-    for vec in vectors:
-        slot = tuple([vec[p] for p in head])
+    merged: dict[tuple[int, ...], list] = {}
+    slots = zip(*(columns[p] for p in head), strict=True) if head else [()] * len(vectors)
+    for slot, n in zip(slots, columns[last], strict=True):
         found = merged.get(slot)
         if found is None:
-            merged[slot] = [{vec[last]}, 1]
+            merged[slot] = [{n}, 1]
         else:
-            found[0].add(vec[last])
+            found[0].add(n)
             found[1] += 1
     return {
         (*(frozenset([n]) for n in slot), frozenset(nums)): count
@@ -358,20 +365,17 @@ def _fold_last(vectors: list[tuple[int, ...]], firsts: list[int]) -> dict[tuple,
 
 
 def _linked_positions(vectors: list[tuple[int, ...]]) -> list[list[int]]:
-    """Positions that hold the same number in every vector, grouped (partition refinement)."""
-    width = len(vectors[0]) if vectors else 0
-    classes = [list(range(width))] if width else []
-    for vec in vectors:
-        if len(classes) == width:  # every position apart already: nothing left to refine
-            break
-        refined: list[list[int]] = []
+    """Positions that hold the same number in every vector, grouped: equal columns."""
+    columns = list(zip(*vectors, strict=True))
+    classes: list[list[int]] = []
+    for p, column in enumerate(columns):
         for cls in classes:
-            by_value: dict[int, list[int]] = {}
-            for p in cls:
-                by_value.setdefault(vec[p], []).append(p)
-            refined.extend(by_value.values())
-        classes = refined
-    return sorted(classes, key=lambda c: c[0])
+            if columns[cls[0]] == column:
+                cls.append(p)
+                break
+        else:
+            classes.append([p])
+    return classes
 
 
 def _collapsed(keys: Iterable[str]) -> list[str]:
