@@ -66,3 +66,36 @@ def test_functions_named_like_their_modules_stay_functions():
     importlib.import_module("ckptmap.suggest")
     assert callable(ckptmap.compile) and ckptmap.compile.__name__ == "compile"
     assert callable(ckptmap.suggest) and ckptmap.suggest.__name__ == "suggest"
+
+
+def test_a_plan_reads_no_tensor(tmp_path, monkeypatch):
+    """Planning is names, shapes and dtypes: a 4 GiB checkpoint whose data was never
+    written (a sparse file) plans, and no reader is asked for a tensor or its bytes."""
+    import json
+
+    from ckptmap.io import safetensors as st
+
+    n, rows = 1000, 1000
+    header = {
+        f"model.layers.{i}.w": {
+            "dtype": "F32",
+            "shape": [rows, 1024],
+            "data_offsets": [i * rows * 4096, (i + 1) * rows * 4096],
+        }
+        for i in range(n)
+    }
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path / "big.safetensors"
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        f.truncate(8 + len(text) + n * rows * 4096)  # 4 GiB of holes
+
+    def refuse(self, name):
+        raise AssertionError(f"planning read {name}")
+
+    monkeypatch.setattr(st.SafetensorsCheckpoint, "get", refuse)
+    monkeypatch.setattr(st.SafetensorsCheckpoint, "raw", refuse)
+    plan = ckptmap.compile('rename "model.layers" -> "blocks"').plan(path)
+    assert plan.ok and len(plan.sources) == n
+    assert plan.outputs[0].target.startswith("blocks.")
