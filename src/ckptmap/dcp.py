@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,16 +36,26 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter, StorageReader
+from torch.distributed.checkpoint import (
+    FileSystemReader,
+    FileSystemWriter,
+    HuggingFaceStorageReader,
+    StorageReader,
+)
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.tensor import DTensor
 
+from .apply import Evaluator, _plain, apply_plan, checked_source, opened, refuse_unloadable
 from .compile import compile
-from .errors import CkptmapError, LoadError, UsageError
-from .io.dcp import _quiet, is_dcp, tensors_in
+from .errors import CheckpointError, CkptmapError, LoadError, UsageError
+from .io import open_checkpoint
+from .io.dcp import DcpCheckpoint, _quiet, is_dcp, tensors_in
+from .io.write import _publish_folder, _umask, check_destination, save_checkpoint
 from .meta import TensorMeta, dtype_name
 from .plan import Plan
 from .regions import Box, Recipes, cut, evaluate, is_empty, reads, whole, whole_reads
@@ -297,14 +310,10 @@ def reader(checkpoint: Any) -> StorageReader:
     """DCP's own reader of a checkpoint: `FileSystemReader` for a DCP folder,
     `HuggingFaceStorageReader` (slices of each tensor, read in place) for a safetensors
     file or a Hugging Face folder. A StorageReader is taken as it is."""
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
-
     if isinstance(checkpoint, StorageReader):
         return checkpoint
     path = Path(checkpoint).resolve()
     if not path.exists():
-        from .errors import CheckpointError
-
         raise CheckpointError(f"{path}: no such file or directory", code="CKM501")
     if path.is_dir() and is_dcp(path):
         return FileSystemReader(str(path))
@@ -312,8 +321,6 @@ def reader(checkpoint: Any) -> StorageReader:
     if path.is_file() and path.suffix == ".safetensors":
         files = [path]
     elif path.is_dir():
-        from .io import open_checkpoint
-
         files = [f for f in open_checkpoint(path).files if f.suffix == ".safetensors"]
     if not files:
         raise LoadError(
@@ -351,8 +358,6 @@ def load(state_dict: dict[str, Any], checkpoint: Any, rules: Any) -> Any:
 
 
 def _read(state_dict: dict[str, Any], storage: Any, planner: LoadPlanner) -> None:
-    from torch.distributed.checkpoint.api import CheckpointException
-
     try:
         dcp_load(state_dict, storage_reader=storage, planner=planner, no_dist=_world() == 1)
     except CheckpointException as e:  # the same on every rank: DCP gathered the failures
@@ -371,8 +376,6 @@ def load_sharded(model: torch.nn.Module, source: Any, plan_of: Callable[[Any], P
     folder through DCP's readers; a state_dict of whole tensors is cut in memory), staged,
     and put in once every rank has read all of its part. Every step that can fail is
     agreed on: a failure on any rank is the same error on every rank, the model as it was."""
-    from .apply import opened
-
     state = model.state_dict(keep_vars=True)
     if isinstance(source, Mapping):
         plan, staged = _agree(lambda: _cut_in_memory(source, plan_of, state))
@@ -398,8 +401,6 @@ def load_sharded(model: torch.nn.Module, source: Any, plan_of: Callable[[Any], P
 def _cut_in_memory(source: Mapping, plan_of: Callable[[Any], Plan], state: dict) -> Any:
     """From a state_dict of whole tensors (the same on every rank): each rank's boxes,
     copied out (a source that is the model's own tensors stays as it was)."""
-    from .apply import apply_plan, checked_source, refuse_unloadable
-
     plan = plan_of(source)
     given = [k for k, v in source.items() if hasattr(v, "to_local")]
     if given:
@@ -420,8 +421,6 @@ def _put_in(model: torch.nn.Module, state: dict, staged: dict[str, torch.Tensor]
     through `load_state_dict` on every rank, as on one process: what a hook says is
     missing or unexpected is refused (CKM404), and if anything fails on any rank, every
     rank puts back all it held in those modules, loaded by the plan or not."""
-    from .apply import _plain
-
     if _everywhere(all(_plain(m) for m in model.modules())):
         with torch.no_grad():
             for name, tensor in staged.items():
@@ -464,8 +463,6 @@ def _put_in(model: torch.nn.Module, state: dict, staged: dict[str, torch.Tensor]
 
 def _as_placed(piece: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """This rank's piece as a DTensor placed like the model's (no communication)."""
-    from torch.distributed.tensor import DTensor
-
     if not isinstance(like, DTensor):
         return piece
     return DTensor.from_local(
@@ -504,8 +501,6 @@ def save(
     a temporary DCP folder beside `out`, and rank 0 then writes `out` from it atomically:
     one safetensors file, a Hugging Face folder (`max_shard_size`), or `NAME.dcp` as it
     is. Every rank calls it; the file system is shared. Returns the inverted Plan."""
-    from .io.write import check_destination
-
     out = Path(out)
     if max_shard_size is not None and max_shard_size <= 0:
         raise UsageError(f"max_shard_size is a number of bytes above 0, not {max_shard_size}")
@@ -530,8 +525,6 @@ def save(
         _agree(lambda: _publish(tmp, out, back, max_shard_size, overwrite) if _rank() == 0 else 0)
     finally:
         if _rank() == 0 and tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
     return back
 
@@ -544,8 +537,6 @@ def _renamed(plan: Plan, state_dict: dict[str, Any]) -> dict[str, Any]:
     """The state_dict under the plan's output names: renamed tensors are the same objects
     (each rank's shards); a tensor made by ops is computed from its sources gathered whole
     (the same on every rank: DCP writes it once)."""
-    from .apply import Evaluator
-
     by_value = {e.value: e.source for e in plan.sources}
     loaded = [o for o in plan.outputs if o.status == "loaded"]
     out = {o.target: state_dict[by_value[o.value]] for o in loaded if o.value in by_value}
@@ -564,8 +555,6 @@ def _renamed(plan: Plan, state_dict: dict[str, Any]) -> dict[str, Any]:
 
 def _shared_folder(out: Path) -> Path:
     """A temporary folder beside `out`, named by rank 0 for every rank."""
-    import tempfile
-
     name = [""]
     if _rank() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -577,14 +566,7 @@ def _shared_folder(out: Path) -> Path:
 
 def _publish(tmp: Path, out: Path, plan: Plan, max_shard_size: int | None, overwrite: bool) -> int:
     """Rank 0: `out` from the DCP folder every rank wrote its pieces into."""
-    from .io.dcp import DcpCheckpoint
-    from .io.write import _publish_folder, save_checkpoint
-
     if out.suffix == ".dcp":
-        import os
-
-        from .io.write import _umask
-
         os.chmod(tmp, 0o777 & ~_umask())  # an output's permissions, not a temporary's
         _publish_folder(tmp, out)
         return 0
