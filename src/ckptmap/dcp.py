@@ -56,7 +56,7 @@ from .errors import CheckpointError, CkptmapError, LoadError, UsageError
 from .io import open_checkpoint
 from .io.dcp import DcpCheckpoint, _quiet, is_dcp, tensors_in
 from .io.write import _publish_folder, _umask, check_destination, save_checkpoint
-from .meta import TensorMeta, dtype_name
+from .meta import TensorMeta, local_piece, meta_of
 from .plan import Plan
 from .regions import Box, Recipes, cut, evaluate, is_empty, reads, whole, whole_reads
 
@@ -78,7 +78,7 @@ def _local(tensor: torch.Tensor) -> tuple[Box, torch.Tensor]:
                 f"a DTensor of {len(chunks)} local pieces is not supported", code="CKM409"
             )
         c = chunks[0]
-        return (tuple(c.offsets), tuple(c.sizes)), tensor.to_local()  # type: ignore[attr-defined]
+        return (tuple(c.offsets), tuple(c.sizes)), local_piece(tensor)
     return whole(tensor.shape), tensor
 
 
@@ -111,12 +111,10 @@ def _agree(step: Callable[[], Any]) -> Any:
 
 
 def _metas(state_dict: Mapping[str, Any]) -> dict[str, TensorMeta]:
-    """A state_dict's names, global shapes (a DTensor's whole shape) and dtypes."""
-    return {
-        k: TensorMeta(tuple(v.shape), dtype_name(v.dtype))
-        for k, v in state_dict.items()
-        if isinstance(v, torch.Tensor)
-    }
+    """A state_dict's tensors: names, global shapes (a DTensor's whole shape) and dtypes;
+    its other entries (a step count, optimizer state) are DCP's to carry."""
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    return meta_of(tensors, "state_dict")
 
 
 # --- the planner ------------------------------------------------------------------------------

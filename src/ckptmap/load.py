@@ -19,6 +19,7 @@ from .apply import (
 from .compile import compile
 from .errors import LoadError, UsageError
 from .history import History
+from .meta import local_piece
 from .report import render_problems
 
 if TYPE_CHECKING:
@@ -208,7 +209,7 @@ def _refuse_meta_model(model: Any, plan: Any) -> None:
 
 def _on_meta(t: Any) -> bool:
     """A tensor, or this rank's piece of a DTensor, on the meta device."""
-    return (t.to_local() if hasattr(t, "to_local") else t).is_meta
+    return local_piece(t).is_meta
 
 
 def _apart_from(model: Any, tensors: Any) -> Any:

@@ -101,12 +101,17 @@ def has_plain_storage(t: Any) -> bool:
     return t.layout == torch.strided and not t.is_nested and not t.is_quantized
 
 
+def local_piece(t: Any) -> Any:
+    """This process's piece of a DTensor (its local tensor); any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def ties_of(tensors: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
     """Keys whose tensors share storage (tied embeddings), grouped."""
     groups: dict[Any, list[str]] = defaultdict(list)
     for key, given in tensors.items():
         # a DTensor: tied when this rank's pieces are one storage (or it is one object)
-        t = given.to_local() if hasattr(given, "to_local") else given
+        t = local_piece(given)
         if t.device.type == "meta" or t.numel() == 0 or not has_plain_storage(t):
             ident: Any = ("object", id(given))  # the mapping's own object: alive, its id unique
         else:
