@@ -116,3 +116,31 @@ def test_collapsed_lines_stand_for_exactly_the_keys(triples):
         assert sum(key in _expand(line) for line, _ in lines) == 1, (key, lines)
     for line, n in lines:
         assert n <= len(_expand(line))
+
+
+numbered_segments = st.sampled_from(
+    [
+        *("a", "b1", "layers", "experts", "w2", "x9y", "conv1x1", "h#", "é1", "٣", "1٣", ""),
+        *("0", "1", "9", "10", "01", "007", "00", "99999999999999999999"),
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.lists(numbered_segments, min_size=1, max_size=4).map(".".join),
+            st.tuples(st.integers(0, 120), st.integers(0, 12)).map(
+                lambda t: f"layers.{t[0]}.experts.{t[1]}.w1 -> blocks.{t[0]}.moe.{t[1]}"
+            ),
+        ),
+        max_size=40,
+    )
+)
+def test_reading_numbers_by_template_equals_reading_each_key(keys):
+    """The folding's shortcut (keys that share a digit template read together) reads every
+    key as reading it alone does: the same groups, numbers and order."""
+    from ckptmap.report import _numbered_groups
+
+    assert _numbered_groups(keys) == _numbered_groups(keys, by_template=False)

@@ -460,6 +460,13 @@ def plan(
 
 def print_plan(console: Console, the_plan: Plan) -> None:
     """The plan grouped by what happened and which rule decided, key ranges collapsed."""
+    from .alloc import no_gc
+
+    with no_gc():  # a line per tensor, then folded: none of it is garbage before the end
+        _print_plan(console, the_plan)
+
+
+def _print_plan(console: Console, the_plan: Plan) -> None:
     from .report import collapse_keys, render_problems, shape_change
 
     # one group per outcome and the rule that decided it (the last to touch the tensor)

@@ -35,7 +35,7 @@ from .io import Checkpoint, describe
 from .io.write import provenance, write_text_atomically
 from .limits import check_text_size
 from .meta import DTYPES, TensorMeta, meta_of
-from .plan import OutputEntry, SourceEntry, TargetEntry, Value, fingerprint_of
+from .plan import OutputEntry, SourceEntry, TargetEntry, Value
 from .report import collapse_keys
 from .rules import Init, OpCall, Revision
 from .suggest import suggest
@@ -709,15 +709,12 @@ def _complete(plan: Plan, checkpoint: Any, model: Any, revision: str) -> tuple[P
             sources=[name],
             rules=t.rules,
         )
-    plan = plan.model_copy(
-        update={
-            "values": values,
-            "sources": sources,
-            "outputs": sorted(outputs, key=lambda o: o.target),
-            "targets": sorted(targets.values(), key=lambda t: t.target),
-        }
+    plan = plan.replaced(
+        values=values,
+        sources=sources,
+        outputs=sorted(outputs, key=lambda o: o.target),
+        targets=sorted(targets.values(), key=lambda t: t.target),
     )
-    plan.fingerprint = fingerprint_of(plan)
     return plan, _WithModel(checkpoint, extra)
 
 

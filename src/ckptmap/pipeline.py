@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from operator import attrgetter
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from .meta import Described
 from .ops import Meta, Op, OpError
 from .patterns import SKIP, digit_template
-from .plan import Problem, Step, Value, Why, jsonable, problem
+from .plan import Problem, Step, Why, jsonable, problem
 from .rules import arg_text
 
 if TYPE_CHECKING:
@@ -37,6 +36,43 @@ class _Node:
     failed: Why | None = None  # the kind of problem that stopped it (op, merge, split)
 
 
+@dataclass(slots=True, eq=False)
+class _Group:
+    """Tensors of one bucket with one history (the same rules, no problem), as columns:
+    what whole-bucket renames move at once. A rule that looks at keys one by one turns
+    the group into its nodes first, in place (`Builder._explode`)."""
+
+    template: str | None
+    names: list[str]
+    values: list[int]
+    sources: list[tuple[str, ...]]
+    orders: list[tuple[int, ...]]
+    rules: list[int]  # shared by every member
+    failed: Why | None = None
+
+    def nodes(self) -> list[_Node]:
+        rules, template = self.rules, self.template
+        return [
+            _Node(name, value, sources, list(rules), order, template)
+            for name, value, sources, order in zip(
+                self.names, self.values, self.sources, self.orders, strict=True
+            )
+        ]
+
+
+@dataclass(slots=True, eq=False)
+class Live:
+    """What the pipeline left, one list per field, in output order."""
+
+    names: list[str]
+    values: list[int]
+    sources: list[tuple[str, ...]]
+    orders: list[tuple[int, ...]]
+    rules: list[list[int]]
+    failed: list[Why | None]
+    templates: list[str]
+
+
 def _cook(parts: list, keys: list[str]) -> list[str]:
     """The keys rewritten by a recipe, part by part over all of them (one join per key)."""
     columns = [
@@ -45,38 +81,64 @@ def _cook(parts: list, keys: list[str]) -> list[str]:
     return list(map("".join, zip(*columns, strict=True))) if columns else [""] * len(keys)
 
 
-class Builder:
-    """Runs the pipeline statement by statement over every key (merges need whole groups)."""
+def _templates(keys: list[str]) -> list[str]:
+    """Every key's template, in one translation of all of them joined (a name with a line
+    break in it, which no checkpoint has, goes key by key)."""
+    joined = "\n".join(keys)
+    if not keys or joined.count("\n") != len(keys) - 1:
+        return list(map(digit_template, keys))
+    return digit_template(joined).split("\n")
 
-    def __init__(self, program: Program, source: Described):
+
+class Builder:
+    """Runs the pipeline statement by statement over every key (merges need whole groups).
+
+    Values are columns (`shapes`, `dtypes`): source `i` (in sorted order) is value `i`.
+    """
+
+    def __init__(self, program: Program, source: Described, columns: bool = True):
         self.program = program
-        self.values: list[Value] = []
         self.steps: list[Step] = []
         self.problems: list[Problem] = []
         self.used: set[int] = set()
-        self.dropped: list[_Node] = []  # skipped by a `skip` rule
-        self.source_values: dict[str, int] = {}
-        self._made_by: tuple[list, dict[int, Step], dict[int, str]] | None = None
+        self.dropped: list[_Node | _Group] = []  # skipped by a `skip` rule
+        self._made_by: tuple[list, dict[int, Step]] | None = None
         self.failed_names: set[str] = set()  # names a failed merge or split would have made
-        self.buckets: dict[str, list[_Node]] = defaultdict(list)
-        values, buckets, meta = self.values, self.buckets, source.meta
-        for index, key in enumerate(sorted(meta)):  # the loop every key goes through: inlined
-            shape, dtype = meta[key]
-            self.source_values[key] = value = len(values)
-            values.append(Value(shape=list(shape), dtype=dtype))
-            template = digit_template(key)
-            buckets[template].append(_Node(key, value, (key,), [], (index,), template))
+        self.buckets: dict[str, list[_Node | _Group]] = {}
+        meta = source.meta
+        self.keys = keys = sorted(meta)
+        metas = list(map(meta.__getitem__, keys))
+        self.shapes: list[Any] = [m[0] for m in metas]
+        self.dtypes: list[str | None] = [m[1] for m in metas]
+        by_template: dict[str, list[int]] = defaultdict(list)
+        for index, template in enumerate(_templates(keys)):
+            by_template[template].append(index)
+        for template, indexes in by_template.items():
+            names = [keys[i] for i in indexes]
+            group = _Group(
+                template, names, indexes, [(k,) for k in names], [(i,) for i in indexes], []
+            )
+            self.buckets[template] = [group]
+            if not columns:  # key by key from the start: the shortcut's reference
+                self._explode(template)
+
+    def _explode(self, template: str) -> list[_Node | _Group]:
+        """The bucket's groups as nodes, in place and in order."""
+        items = self.buckets[template]
+        if any(type(i) is _Group for i in items):
+            items[:] = [n for i in items for n in (i.nodes() if type(i) is _Group else (i,))]
+        return items
 
     def _add(self, node: _Node) -> None:
         node.template = digit_template(node.name)
-        self.buckets[node.template].append(node)
+        self.buckets.setdefault(node.template, []).append(node)
 
     def _candidates(self, rule: Rule) -> list[_Node]:
         test = rule.bucket_test()
-        out: list[_Node] = []
-        for template, nodes in self.buckets.items():
+        out: list[Any] = []
+        for template in list(self.buckets):
             if test is None or test(template):
-                out.extend(nodes)
+                out.extend(self._explode(template))
         return out
 
     def _settle(
@@ -89,7 +151,7 @@ class Builder:
             if template != n.template:
                 touched.add(n.template)
                 n.template = template
-                self.buckets[template].append(n)
+                self.buckets.setdefault(template, []).append(n)
         for n in gone:
             touched.add(n.template)
             n.template = None
@@ -102,19 +164,43 @@ class Builder:
         for n in new:
             self._add(n)
 
-    @property
-    def live(self) -> list[_Node]:
-        nodes = [n for bucket in self.buckets.values() for n in bucket]
-        nodes.sort(key=attrgetter("order"))
-        return nodes
+    def live(self) -> Live:
+        """Every tensor the pipeline left, in output order, as columns."""
+        out = Live([], [], [], [], [], [], [])
+        for items in self.buckets.values():
+            for i in items:
+                if type(i) is _Group:
+                    k = len(i.names)
+                    out.names += i.names
+                    out.values += i.values
+                    out.sources += i.sources
+                    out.orders += i.orders
+                    out.rules += [i.rules] * k
+                    out.failed += [i.failed] * k
+                    out.templates += [i.template] * k  # type: ignore[list-item]
+                else:
+                    n: Any = i
+                    out.names.append(n.name)
+                    out.values.append(n.value)
+                    out.sources.append(n.sources)
+                    out.orders.append(n.order)
+                    out.rules.append(n.rules)
+                    out.failed.append(n.failed)
+                    out.templates.append(n.template)
+        perm = sorted(range(len(out.orders)), key=out.orders.__getitem__)
+        if perm != list(range(len(perm))):
+            for f in fields(Live):
+                column = getattr(out, f.name)
+                setattr(out, f.name, [column[p] for p in perm])
+        return out
 
     def _value(self, shape: Any, dtype: str | None) -> int:
-        self.values.append(Value(shape=list(shape), dtype=dtype))
-        return len(self.values) - 1
+        self.shapes.append(tuple(shape))
+        self.dtypes.append(dtype)
+        return len(self.shapes) - 1
 
     def meta(self, value: int) -> Meta:
-        v = self.values[value]
-        return Meta(tuple(v.shape), v.dtype)
+        return Meta(tuple(self.shapes[value]), self.dtypes[value])
 
     def _run(self, op: Op, rule: Rule, inputs: list[int], names: list[str]) -> list[int] | None:
         """Add a step; on an op that does not fit, a problem naming keys, shapes and rule."""
@@ -169,14 +255,14 @@ class Builder:
             self._made_by = (
                 list(self.steps),
                 {out: step for step in self.steps for out in step.outputs},
-                {v: k for k, v in self.source_values.items()},
             )
-        _, made_by, sources = self._made_by
+        _, made_by = self._made_by
+        keys = self.keys
 
         def text(v: int) -> str:
             step = made_by.get(v)
             if step is None:
-                return f"{sources.get(v, '?')} {self.values[v].shape}"
+                return f"{keys[v] if v < len(keys) else '?'} {list(self.shapes[v])}"
             ins = [text(i) for i in step.inputs]
             before = ins[0] if len(ins) == 1 else "(" + ", ".join(ins) + ")"
             op = f"{step.op}({', '.join(arg_text(a) for a in step.args)})"
@@ -196,10 +282,10 @@ class Builder:
             value = out[0]
         return value
 
-    def run(self) -> list[_Node]:
+    def run(self) -> Live:
         for rule in self.program.steps:
             rule.plan(self)  # each kind knows whether it renames, transforms, merges, splits
-        return self.live
+        return self.live()
 
     def rename(self, rule: Rule) -> None:
         if rule.whole_buckets():
@@ -223,29 +309,33 @@ class Builder:
     def _rename_buckets(self, rule: Rule) -> None:
         """A rule whose pattern has no digits treats a bucket as one key: it matches all of
         it or none, at the same places, so one match gives every key's new name by slicing."""
-        moves: list[tuple[str, str | None, list[_Node]]] = []
-        for template, nodes in list(self.buckets.items()):
+        moves: list[tuple[str, str | None, list[_Node | _Group]]] = []
+        for template, items in list(self.buckets.items()):
             recipe = rule.recipe(template)
             if recipe is None:
                 continue
             self.used.add(rule.id)
-            for n in nodes:
-                n.rules.append(rule.id)
+            for i in items:
+                i.rules.append(rule.id)  # a group's list is its members' one list
             if recipe is SKIP:
-                self.dropped.extend(nodes)
-                moves.append((template, None, nodes))
+                self.dropped.extend(items)
+                moves.append((template, None, items))
                 continue
-            for n, name in zip(nodes, _cook(recipe, [n.name for n in nodes]), strict=True):
-                n.name = name
-            moves.append((template, digit_template(_cook(recipe, [template])[0]), nodes))
+            for i in items:
+                if type(i) is _Group:
+                    i.names = _cook(recipe, i.names)
+                else:
+                    n: Any = i
+                    n.name = _cook(recipe, [n.name])[0]
+            moves.append((template, digit_template(_cook(recipe, [template])[0]), items))
         for template, _, _ in moves:
             del self.buckets[template]
-        for _, new, nodes in moves:
+        for _, new, items in moves:
             if new is None:
                 continue
-            for n in nodes:
-                n.template = new
-            self.buckets[new].extend(nodes)
+            for i in items:
+                i.template = new
+            self.buckets.setdefault(new, []).extend(items)
 
     def transform(self, rule: Rule) -> None:
         for n in self._candidates(rule):

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
+from itertools import islice
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
@@ -148,13 +151,8 @@ class Trainable(BaseModel):
     rule: int
 
 
-class Plan(BaseModel):
-    """The program bound to concrete keys. Plain data: print it, diff it, save it as JSON.
-
-    `sources` says what each source tensor becomes, `outputs` what the plan
-    produces, `steps` the tensor ops between them (by value number, into
-    `values`), `targets` where each target key comes from.
-    """
+class PlanDocument(BaseModel):
+    """A plan as JSON holds it: the schema `to_json` writes and `from_json` checks."""
 
     ckptmap: str = __version__
     rules_fingerprint: str
@@ -169,6 +167,176 @@ class Plan(BaseModel):
     unused_rules: list[int] = []
     trainable: list[Trainable] = []
     fingerprint: str = ""
+
+
+class Columns:
+    """Records of one kind held as columns, one list per field (in the record's field
+    order): what the planner makes in bulk. `rows` are the fingerprint's, `records` the
+    objects made only when someone asks for them."""
+
+    __slots__ = ("columns", "kind")
+
+    def __init__(self, kind: type, columns: list[Sequence[Any]]):
+        self.kind, self.columns = kind, columns
+
+    def __len__(self) -> int:
+        return len(self.columns[0])
+
+    def rows(self) -> Iterable[tuple]:
+        return zip(*self.columns, strict=True)
+
+    def records(self) -> list:
+        from .alloc import no_gc
+
+        make = _makers.get(self.kind) or _maker(self.kind)
+        columns = list(self.columns)
+        with no_gc():  # a record per key, none of them garbage
+            for i, f in enumerate(fields(self.kind)):
+                if f.name in ("shape", "sources", "rules"):  # each record its own list
+                    columns[i] = list(map(list, columns[i]))
+            return list(map(make, *columns))
+
+
+_makers: dict[type, Any] = {}
+
+
+def _maker(kind: type) -> Any:
+    """A positional constructor for a slotted record: a fifth of the keyword call's cost."""
+    names = [f.name for f in fields(kind)]
+    body = "".join(f"    o.{n} = {n}\n" for n in names)
+    code = f"def make({', '.join(names)}):\n    o = new(kind)\n{body}    return o\n"
+    scope: dict[str, Any] = {"new": object.__new__, "kind": kind}
+    exec(code, scope)
+    _makers[kind] = scope["make"]
+    return scope["make"]
+
+
+_LAZY = ("values", "sources", "outputs")
+
+
+class Plan:
+    """The program bound to concrete keys. Plain data: print it, diff it, save it as JSON.
+
+    `sources` says what each source tensor becomes, `outputs` what the plan
+    produces, `steps` the tensor ops between them (by value number, into
+    `values`), `targets` where each target key comes from.
+
+    The planner hands over `values`, `sources` and `outputs` as columns; the records are
+    made on first use, and the fingerprint is computed from the columns when first asked.
+    """
+
+    __slots__ = (
+        "_fingerprint",
+        "_outputs",
+        "_sources",
+        "_values",
+        "ckptmap",
+        "policies",
+        "problems",
+        "rules",
+        "rules_fingerprint",
+        "steps",
+        "targets",
+        "trainable",
+        "unused_rules",
+    )
+
+    def __init__(
+        self,
+        *,
+        rules_fingerprint: str,
+        rules: list[RuleInfo],
+        policies: dict[str, str],
+        sources: list[SourceEntry] | Columns,
+        values: list[Value] | Columns | None = None,
+        steps: list[Step] | None = None,
+        outputs: list[OutputEntry] | Columns | None = None,
+        targets: list[TargetEntry] | None = None,
+        problems: list[Problem] | None = None,
+        unused_rules: list[int] | None = None,
+        trainable: list[Trainable] | None = None,
+        fingerprint: str = "",
+        ckptmap: str = __version__,
+    ):
+        self.ckptmap = ckptmap
+        self.rules_fingerprint = rules_fingerprint
+        self.rules = rules
+        self.policies = policies
+        self._values = [] if values is None else values
+        self._sources = sources
+        self.steps = [] if steps is None else steps
+        self._outputs = [] if outputs is None else outputs
+        self.targets = targets
+        self.problems = [] if problems is None else problems
+        self.unused_rules = [] if unused_rules is None else unused_rules
+        self.trainable = [] if trainable is None else trainable
+        self._fingerprint = fingerprint
+
+    # --- the records, made on first use ---
+    def _records(self, slot: str) -> list:
+        held = getattr(self, slot)
+        if isinstance(held, Columns):
+            held = held.records()
+            setattr(self, slot, held)
+        return held
+
+    @property
+    def values(self) -> list[Value]:
+        return self._records("_values")
+
+    @values.setter
+    def values(self, records: list[Value]) -> None:
+        self._values = records
+
+    @property
+    def sources(self) -> list[SourceEntry]:
+        return self._records("_sources")
+
+    @sources.setter
+    def sources(self, records: list[SourceEntry]) -> None:
+        self._sources = records
+
+    @property
+    def outputs(self) -> list[OutputEntry]:
+        return self._records("_outputs")
+
+    @outputs.setter
+    def outputs(self, records: list[OutputEntry]) -> None:
+        self._outputs = records
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of what the plan does (see `fingerprint_of`), computed when first asked."""
+        if not self._fingerprint:
+            self._fingerprint = fingerprint_of(self)
+        return self._fingerprint
+
+    @fingerprint.setter
+    def fingerprint(self, value: str) -> None:
+        self._fingerprint = value
+
+    def replaced(self, **changes: Any) -> Plan:
+        """A copy with some fields replaced (the records are shared, not copied); its
+        fingerprint is computed anew."""
+        given = {name: getattr(self, name) for name in _FIELDS if name != "fingerprint"}
+        return Plan(**(given | changes))
+
+    def document(self) -> PlanDocument:
+        """The plan as its JSON document (a pydantic model)."""
+        return PlanDocument.model_construct(**{name: getattr(self, name) for name in _FIELDS})
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Plan):
+            return NotImplemented
+        return self.fingerprint == other.fingerprint and self.to_json() == other.to_json()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"<Plan {self.fingerprint[:19]} {len(self._sources)} sources, "
+            f"{len(self._outputs)} outputs, {len(self.problems)} problems>"
+        )
 
     # --- looking at it ---
     @property
@@ -187,7 +355,11 @@ class Plan(BaseModel):
     @property
     def mapping(self) -> dict[str, str]:
         """Source key -> the name it is loaded under (merged: the merged tensor)."""
-        return {e.source: e.target for e in self.sources if e.status == "loaded"}
+        held = self._sources
+        if isinstance(held, Columns):  # source, value, target, shape, dtype, status, ...
+            c = held.columns
+            return {s: t for s, t, st in zip(c[0], c[2], c[5], strict=True) if st == "loaded"}
+        return {e.source: e.target for e in held if e.status == "loaded"}
 
     def check(self) -> Plan:
         """Raise `PlanError` listing every error; return the plan when it has none."""
@@ -205,7 +377,7 @@ class Plan(BaseModel):
 
     def to_json(self, indent: int | None = 2) -> str:
         """The plan as JSON (what `ckptmap plan --json` prints); `Plan.from_json` reads it."""
-        return self.model_dump_json(indent=indent)
+        return self.document().model_dump_json(indent=indent)
 
     @classmethod
     def from_json(cls, text: str | bytes, where: Any = None) -> Plan:
@@ -227,7 +399,7 @@ class Plan(BaseModel):
                 hint=f"Plan.from_json(Path({text.strip()!r}).read_text())",
             )
         try:
-            plan = cls.model_validate_json(text)
+            document = PlanDocument.model_validate_json(text)
         except ValidationError as e:
             err = e.errors()[0]
             field = ".".join(str(p) for p in err["loc"])
@@ -236,6 +408,7 @@ class Plan(BaseModel):
                 code="CKM542",
                 hint="save one with `ckptmap plan RULES -s SOURCE --json > plan.json`",
             ) from None
+        plan = cls(**{name: getattr(document, name) for name in _FIELDS})
         if plan.fingerprint != fingerprint_of(plan):
             raise CheckpointError(
                 f"{name}the plan's content does not match its fingerprint {plan.fingerprint[:19]} "
@@ -274,33 +447,48 @@ class Plan(BaseModel):
         return invert(self, allow_lossy)
 
 
+_FIELDS = tuple(PlanDocument.model_fields)
+
+
 def fingerprint_of(plan: Plan) -> str:
     """A hash of what the plan does: spans and file paths do not count.
 
     Every field of the plan but `fingerprint`, `ckptmap` and the rules' spans is
-    fed in (a new field must be added here too), as compact JSON rows.
+    fed in (a new field must be added here too), as compact JSON rows: taken from the
+    planner's columns when it still holds them, else from the records (the same bytes).
     """
+    from .alloc import no_gc
+
+    with no_gc():  # rows made and dropped in bulk: nothing for the collector to find
+        return _fingerprint_of(plan)
+
+
+def _fingerprint_of(plan: Plan) -> str:
     digest = hashlib.sha256()
+    dumps = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
     def feed(rows: Any) -> None:
-        digest.update(json.dumps(rows, separators=(",", ":"), check_circular=False).encode())
+        digest.update(dumps(rows).encode())
         digest.update(b"\n")
 
+    def feed_rows(held: Any, fields: str) -> None:
+        """A table's rows as one JSON array, encoded a slice at a time (a million rows'
+        text never held at once): the bytes `feed` would give for the whole list."""
+        rows = held.rows() if isinstance(held, Columns) else map(attrgetter(*fields.split()), held)
+        digest.update(b"[")
+        first = True
+        while chunk := list(islice(rows, 4096)):
+            if not first:
+                digest.update(b",")
+            digest.update(dumps(chunk)[1:-1].encode())
+            first = False
+        digest.update(b"]\n")
+
     feed([plan.rules_fingerprint, [r.text for r in plan.rules], plan.policies])
-    feed([[v.shape, v.dtype] for v in plan.values])
-    feed(
-        [
-            [e.source, e.value, e.target, e.shape, e.dtype, e.status, e.reason, e.rules]
-            for e in plan.sources
-        ]
-    )
+    feed_rows(plan._values, "shape dtype")
+    feed_rows(plan._sources, "source value target shape dtype status reason rules")
     feed([[s.op, s.args, s.inputs, s.outputs, s.rule] for s in plan.steps])
-    feed(
-        [
-            [o.target, o.value, o.shape, o.dtype, o.sources, o.status, o.reason, o.rules]
-            for o in plan.outputs
-        ]
-    )
+    feed_rows(plan._outputs, "target value shape dtype sources status reason rules")
     feed(
         None
         if plan.targets is None

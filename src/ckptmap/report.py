@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterable
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -292,20 +293,7 @@ def collapse_keys(keys: Iterable[str]) -> list[tuple[str, int]]:
     Numbers that move together in every key (a layer index in a source and in
     its target: `h.{0..11}.attn -> blocks.{0..11}.attn`) fold as one.
     """
-    groups: dict[tuple, list[tuple[int, ...]]] = {}
-    seen: dict[str, tuple[Any, int | None]] = {}  # segment -> (its part, its number): few differ
-    for key in keys:
-        parts: list[Any] = []
-        numbers: list[int] = []
-        for seg in key.split("."):
-            known = seen.get(seg)
-            if known is None:
-                m = _NUMBERED.fullmatch(seg)
-                known = seen[seg] = ((m.group(1),), int(m.group(2))) if m else (seg, None)
-            parts.append(known[0])
-            if known[1] is not None:
-                numbers.append(known[1])
-        groups.setdefault(tuple(parts), []).append(tuple(numbers))
+    groups = _numbered_groups(keys if isinstance(keys, list) else list(keys))
     out = []
     for template, vectors in groups.items():
         classes = _linked_positions(vectors)
@@ -340,6 +328,109 @@ def collapse_keys(keys: Iterable[str]) -> list[tuple[str, int]]:
                     parts.append(seg)
             out.append((".".join(parts), count))
     return out
+
+
+def _numbered_groups(
+    keys: list[str], by_template: bool = True
+) -> dict[tuple, list[tuple[int, ...]]]:
+    """Keys by their text but for numbers (a segment's trailing index), with those numbers,
+    in the keys' order: the work of folding that is done once per key.
+
+    Keys that share a digit template (every ASCII digit as '#') are read together: the
+    template says which digit runs are numbers, and one `findall` over all of them reads
+    the runs. What the template cannot decide (a zero-padded run, a name with no plain
+    ASCII text, a '#' in a name) is read key by key, as is everything without `by_template`
+    (the definition the shortcut is tested against).
+    """
+    shared: dict[str, list[int]] = {}
+    joined = "\n".join(keys)
+    plain = (
+        by_template
+        and bool(keys)
+        and joined.isascii()
+        and "#" not in joined
+        and joined.count("\n") == len(keys) - 1
+    )
+    if plain:
+        templates = joined.encode().translate(_HASH_DIGITS).decode().split("\n")
+        for i, t in enumerate(templates):
+            shared.setdefault(t, []).append(i)
+    # chunks: (first index, parts, key indexes, vectors)
+    chunks: list[tuple[int, tuple, list[int], list[tuple[int, ...]]]] = []
+    slow: list[int] = [] if plain else list(range(len(keys)))
+    for template, indexes in shared.items():
+        found = _template_numbers(template, [keys[i] for i in indexes])
+        if found is None:
+            slow += indexes
+        else:
+            chunks.append((indexes[0], found[0], indexes, found[1]))
+    if slow:
+        seen: dict[str, tuple[Any, int | None]] = {}  # segment -> (its part, its number)
+        for i in sorted(slow):
+            parts: list[Any] = []
+            numbers: list[int] = []
+            for seg in keys[i].split("."):
+                known = seen.get(seg)
+                if known is None:
+                    m = _NUMBERED.fullmatch(seg)
+                    known = seen[seg] = ((m.group(1),), int(m.group(2))) if m else (seg, None)
+                parts.append(known[0])
+                if known[1] is not None:
+                    numbers.append(known[1])
+            chunks.append((i, tuple(parts), [i], [tuple(numbers)]))
+    by_parts: dict[tuple, list[tuple]] = {}
+    for chunk in sorted(chunks, key=itemgetter(0)):  # groups in the order their first key came
+        by_parts.setdefault(chunk[1], []).append(chunk)
+    groups: dict[tuple, list[tuple[int, ...]]] = {}
+    for text, held in by_parts.items():
+        if len(held) == 1:
+            groups[text] = held[0][3]
+            continue
+        indexes = [i for c in held for i in c[2]]
+        vectors = [v for c in held for v in c[3]]
+        order = sorted(range(len(indexes)), key=indexes.__getitem__)
+        groups[text] = [vectors[k] for k in order]
+    return groups
+
+
+_HASH_DIGITS = bytes.maketrans(b"0123456789", b"#" * 10)
+
+
+def _template_numbers(template: str, keys: list[str]) -> tuple[tuple, list] | None:
+    """The parts and the number vectors of keys that share an ASCII digit template, or None
+    when some run would be read differently from key to key (a zero-padded index). The
+    template fixes where each run stands, so a run is the same slice of every key."""
+    parts: list[Any] = []
+    places: list[tuple[int, int]] = []  # (start, end) of each run that is a number
+    at = 0
+    for seg in template.split("."):
+        runs = [m.span() for m in _RUNS_OF_HASH.finditer(seg)]
+        head = seg.rstrip("#")
+        if len(runs) == 1 and head != seg and len(seg) - len(head) <= 18:  # a trailing index
+            parts.append((head,))
+            places.append((at + len(head), at + len(seg)))
+        elif runs:
+            return None  # digits inside a name: the name differs from key to key
+        else:
+            parts.append(seg)
+        at += len(seg) + 1
+    if not places:
+        return tuple(parts), [()] * len(keys)
+    columns = []
+    for start, end in places:
+        column = [k[start:end] for k in keys]
+        if end - start > 1 and _padded(column):
+            return None
+        columns.append(list(map(int, column)))
+    return tuple(parts), list(zip(*columns, strict=True))
+
+
+_RUNS_OF_HASH = re.compile(r"#+")
+
+
+def _padded(column: list[str]) -> bool:
+    """Whether a run of two digits or more starts with 0 (`01`: a name, not a number)."""
+    return re.search(r"(?:^|\n)0[0-9]", "\n".join(column)) is not None
 
 
 def _fold_last(vectors: list[tuple[int, ...]], firsts: list[int]) -> dict[tuple, int]:

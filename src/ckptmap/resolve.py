@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from .alloc import no_gc
 from .meta import Described
-from .pipeline import Builder
+from .pipeline import Builder, Live, _Group
 from .plan import (
+    Columns,
     Fate,
     OutputEntry,
     Plan,
@@ -24,8 +25,8 @@ from .plan import (
     SourceEntry,
     TargetEntry,
     Trainable,
+    Value,
     Why,
-    fingerprint_of,
     problem,
 )
 from .rules import Strip
@@ -36,16 +37,25 @@ if TYPE_CHECKING:
 
 
 def build_plan(
-    program: Program, source: Described, target: Described | None, policies: dict[str, str]
+    program: Program,
+    source: Described,
+    target: Described | None,
+    policies: dict[str, str],
+    columns: bool = True,
 ) -> Plan:
+    """The plan; `columns=False` runs every rule key by key (what the columns must equal)."""
     with no_gc():
-        return _build_plan(program, source, target, policies)
+        return _build_plan(program, source, target, policies, columns)
 
 
 def _build_plan(
-    program: Program, source: Described, target: Described | None, policies: dict[str, str]
+    program: Program,
+    source: Described,
+    target: Described | None,
+    policies: dict[str, str],
+    columns: bool,
 ) -> Plan:
-    builder = Builder(program, source)
+    builder = Builder(program, source, columns)
     live = builder.run()
     problems, used = builder.problems, builder.used
     outputs = _outputs(program, builder, live)
@@ -55,7 +65,7 @@ def _build_plan(
         targets = _match_target(
             program, builder, outputs, landing, target, policies, used, problems
         )
-    sources = _source_entries(builder, outputs, source)
+    sources = _source_entries(builder, outputs, live)
     trainable = _trainable(program, target, landing, used)
     unused = [
         r.id
@@ -66,93 +76,132 @@ def _build_plan(
     ]
     if unused and policies["unused"] != "ignore":
         problems += _unused_problems(program, unused, source, outputs, targets, policies)
-    plan = Plan(
+    shapes, dtypes = builder.shapes, builder.dtypes
+    return Plan(
         rules_fingerprint=program.fingerprint,
         rules=[RuleInfo(id=r.id, text=r.text, span=r.span) for r in program.rules],
         policies=dict(sorted(policies.items())),
-        values=builder.values,
+        values=Columns(Value, [shapes, dtypes]),
         sources=sources,
         steps=builder.steps,
-        outputs=outputs,
+        outputs=Columns(
+            OutputEntry,
+            [
+                outputs.target,
+                outputs.value,
+                list(map(shapes.__getitem__, outputs.value)),
+                list(map(dtypes.__getitem__, outputs.value)),
+                outputs.sources,
+                outputs.status,
+                outputs.reason,
+                outputs.rules,
+            ],
+        ),
         targets=targets,
         problems=problems,
         unused_rules=unused,
         trainable=trainable,
     )
-    plan.fingerprint = fingerprint_of(plan)
-    return plan
 
 
-def _outputs(program: Program, builder: Builder, live: list) -> list[OutputEntry]:
+class _Outputs:
+    """The tensors the plan produces, one list per field, in output order (what becomes the
+    plan's `outputs`); statuses change as the target and the policies are met."""
+
+    __slots__ = ("builder", "reason", "rules", "sources", "status", "target", "value")
+
+    def __init__(self, builder: Builder, live: Live):
+        self.builder = builder
+        self.target = live.names
+        self.value = live.values
+        self.sources = live.sources
+        self.rules = live.rules
+        n = len(live.names)
+        self.status: list[Fate] = ["loaded"] * n
+        self.reason: list[Any] = [None] * n  # a failed node's kind of problem, or init
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def entry(self, i: int) -> OutputEntry:
+        """Output `i` as a record (for messages: a copy, not the plan's)."""
+        return OutputEntry(
+            target=self.target[i],
+            value=self.value[i],
+            shape=list(self.builder.shapes[self.value[i]]),
+            dtype=self.builder.dtypes[self.value[i]],
+            sources=list(self.sources[i]),
+            status=self.status[i],
+            reason=self.reason[i],
+            rules=list(self.rules[i]),
+        )
+
+
+def _bad_name(name: str) -> bool:
+    return not name or name[0] == "." or name[-1] == "." or ".." in name
+
+
+def _outputs(program: Program, builder: Builder, live: Live) -> _Outputs:
     """What the pipeline produced, each under its final name, then `init` on those names;
-    a name that is no key is a problem."""
-    outputs: list[OutputEntry] = []
+    a name that is no key is a problem. A template has a key's dots, so it says which
+    names are bad."""
+    outputs = _Outputs(builder, live)
+    status, reason, rules = outputs.status, outputs.reason, outputs.rules
+    bad = {t for t in set(live.templates) if _bad_name(t)}
+    failed = live.failed
     inits = program.inits
-    for n in live:
-        name = n.name
-        failed = n.failed
-        if not name or name[0] == "." or name[-1] == "." or ".." in name:
-            failed = failed or "name"
+    if not bad and not inits and not any(failed):
+        return outputs
+    for i, name in enumerate(live.names):
+        if live.templates[i] in bad:
+            failed[i] = failed[i] or "name"
             builder.problems.append(
                 problem(
                     "CKM305",
                     "name",
-                    f"{', '.join(n.sources)} became {n.name!r}, not a valid key",
-                    list(n.sources),
-                    n.rules,
+                    f"{', '.join(live.sources[i])} became {name!r}, not a valid key",
+                    list(live.sources[i]),
+                    rules[i],
                 )
             )
-        status: Fate = "loaded"
-        reason: Any = None  # a failed node's kind of problem, or init
-        rules = list(n.rules)
         init = _first_match(inits, name) if inits else None
-        if failed is not None:
-            status, reason = "failed", failed
+        if failed[i] is not None:
+            status[i], reason[i] = "failed", failed[i]
         elif init is not None:
             builder.used.add(init.id)
-            rules.append(init.id)
-            status, reason = "skipped", "init"
-        v = builder.values[n.value]
-        outputs.append(
-            OutputEntry(
-                target=name,
-                value=n.value,
-                shape=list(v.shape),
-                dtype=v.dtype,
-                sources=list(n.sources),
-                status=status,
-                reason=reason,
-                rules=rules,
-            )
-        )
+            rules[i] = [*rules[i], init.id]
+            status[i], reason[i] = "skipped", "init"
     return outputs
 
 
-def _landing(
-    program: Program, outputs: list[OutputEntry], problems: list[Problem]
-) -> dict[str, list[OutputEntry]]:
+def _landing(program: Program, outputs: _Outputs, problems: list[Problem]) -> dict[str, int]:
     """The loaded outputs by name. Two tensors on one name are never silent: a problem
     naming both and their rules, and neither is loaded."""
-    landing: dict[str, list[OutputEntry]] = defaultdict(list)
-    for o in outputs:
-        if o.status == "loaded":
-            landing[o.target].append(o)
-    for name in sorted(name for name, group in landing.items() if len(group) > 1):
-        group = landing[name]
+    loaded = [i for i, st in enumerate(outputs.status) if st == "loaded"]
+    names = outputs.target
+    landing = dict(zip([names[i] for i in loaded], loaded, strict=True))
+    if len(landing) == len(loaded):
+        return landing
+    on: dict[str, list[int]] = defaultdict(list)
+    for i in loaded:
+        on[names[i]].append(i)
+    for name in sorted(name for name, group in on.items() if len(group) > 1):
+        group = on[name]
         via = "; ".join(
-            f"{', '.join(o.sources)} via {_rules_text(program, o.rules)}" for o in group
+            f"{', '.join(outputs.sources[i])} via {_rules_text(program, outputs.rules[i])}"
+            for i in group
         )
         problems.append(
             problem(
                 "CKM301",
                 "conflict",
                 f"{len(group)} sources map to {name!r}: {via}",
-                [s for o in group for s in o.sources],
-                sorted({r for o in group for r in o.rules}),
+                [s for i in group for s in outputs.sources[i]],
+                sorted({r for i in group for r in outputs.rules[i]}),
             )
         )
-        for o in group:
-            o.status, o.reason = "failed", "conflict"
+        for i in group:
+            outputs.status[i], outputs.reason[i] = "failed", "conflict"
         del landing[name]
     return landing
 
@@ -179,11 +228,35 @@ def _trainable(
     return trainable
 
 
-def _source_entries(
-    builder: Builder, outputs: list[OutputEntry], source: Described
-) -> list[SourceEntry]:
+def _source_entries(builder: Builder, outputs: _Outputs, live: Live) -> Columns:
     """Each source's fate, from the tensors it ended in: loaded wins, then unexpected, then
     the first."""
+    keys = builder.keys
+    n = len(keys)
+    shapes, dtypes = builder.shapes[:n], builder.dtypes[:n]
+    if (
+        not builder.dropped
+        and len(outputs) == n
+        and all(len(o) == 1 for o in live.orders)
+        and all(len(s) == 1 for s in outputs.sources)
+    ):  # every source ended in one output of its own, in the sources' order
+        reasons = [
+            r if st in ("skipped", "failed") else None
+            for st, r in zip(outputs.status, outputs.reason, strict=True)
+        ]
+        return Columns(
+            SourceEntry,
+            [
+                keys,
+                list(range(n)),
+                outputs.target,
+                shapes,
+                dtypes,
+                outputs.status,
+                reasons,
+                outputs.rules,
+            ],
+        )
     rank = {"failed": -1, "loaded": 0, "unexpected": 1}
     fates: dict[str, tuple[int, Fate, Why | None, str, list[int]]] = {}
 
@@ -193,42 +266,45 @@ def _source_entries(
         if held is None or r < held[0]:
             fates[key] = (r, status, reason, name, rules)
 
-    for n in builder.dropped:
-        for s in n.sources:
-            offer(s, "skipped", "skip", n.name, n.rules)
-    for o in outputs:
-        if len(o.sources) == 1 and o.status == "loaded":  # most keys: one source, loaded
-            held = fates.get(key := o.sources[0])
-            if held is None or held[0] > 0:
-                fates[key] = (0, "loaded", None, o.target, o.rules)
+    for item in builder.dropped:
+        if type(item) is _Group:
+            for name, sources in zip(item.names, item.sources, strict=True):
+                for s in sources:
+                    offer(s, "skipped", "skip", name, item.rules)
         else:
-            for s in o.sources:
-                offer(s, o.status, o.reason, o.target, o.rules)
-    entries = []
-    values = builder.source_values
-    for key in sorted(source.meta):
-        meta = source.meta[key]
-        _, status, reason, name, rules = fates[key]
-        entries.append(
-            SourceEntry(
-                source=key,
-                value=values[key],
-                target=name,
-                shape=list(meta.shape),
-                dtype=meta.dtype,
-                status=status,
-                reason=reason if status in ("skipped", "failed") else None,
-                rules=list(rules),
-            )
-        )
-    return entries
+            node: Any = item
+            for s in node.sources:
+                offer(s, "skipped", "skip", node.name, node.rules)
+    for i, sources in enumerate(outputs.sources):
+        status = outputs.status[i]
+        if len(sources) == 1 and status == "loaded":  # most keys: one source, loaded
+            held = fates.get(key := sources[0])
+            if held is None or held[0] > 0:
+                fates[key] = (0, "loaded", None, outputs.target[i], outputs.rules[i])
+        else:
+            for s in sources:
+                offer(s, status, outputs.reason[i], outputs.target[i], outputs.rules[i])
+    rows = list(map(fates.__getitem__, keys))
+    return Columns(
+        SourceEntry,
+        [
+            keys,
+            list(range(n)),
+            [r[3] for r in rows],
+            shapes,
+            dtypes,
+            [r[1] for r in rows],
+            [r[2] if r[1] in ("skipped", "failed") else None for r in rows],
+            [r[4] for r in rows],
+        ],
+    )
 
 
 def _match_target(
     program: Program,
     builder: Builder,
-    outputs: list[OutputEntry],
-    landing: dict[str, list[OutputEntry]],
+    outputs: _Outputs,
+    landing: dict[str, int],
     target: Described,
     policies: dict[str, str],
     used: set[int],
@@ -236,34 +312,36 @@ def _match_target(
 ) -> list[TargetEntry]:
     """Each output checked against the target (unexpected, mismatched), then each target key
     given its provider, its `init`, its tied twin, or reported missing."""
-    mismatched: dict[str, OutputEntry] = {}
-    for o in outputs:
-        if o.status != "loaded":
+    mismatched: dict[str, int] = {}
+    status, shapes, want_of = outputs.status, builder.shapes, target.meta.get
+    for i, name in enumerate(outputs.target):
+        if status[i] != "loaded":
             continue
-        want = target.meta.get(o.target)
+        want = want_of(name)
         if want is None:
-            o.status = "unexpected"
+            status[i] = "unexpected"
             if policies["unexpected"] != "ignore":
-                what = ", ".join(o.sources) if o.sources != [o.target] else o.target
+                sources = outputs.sources[i]
+                what = ", ".join(sources) if sources != (name,) else name
                 problems.append(
                     problem(
                         "CKM304",
                         "unexpected",
-                        f"{what!r} maps to {o.target!r}, which the target does not have",
-                        list(o.sources),
-                        o.rules,
+                        f"{what!r} maps to {name!r}, which the target does not have",
+                        list(sources),
+                        outputs.rules[i],
                         policies["unexpected"],
                     )
                 )
-        elif tuple(o.shape) != want.shape:
-            o.status, o.reason = "skipped", "mismatch"
-            mismatched[o.target] = o
+        elif tuple(shapes[outputs.value[i]]) != want.shape:
+            status[i], outputs.reason[i] = "skipped", "mismatch"
+            mismatched[name] = i
             if policies["mismatch"] == "error":
-                problems.append(_mismatch(program, builder, o, want.shape))
-    failed = {o.target: o for o in outputs if o.status == "failed"}
+                problems.append(_mismatch(program, builder, outputs.entry(i), want.shape))
+    failed = {name: i for i, name in enumerate(outputs.target) if status[i] == "failed"}
     out = {
-        name: _target_entry(program, builder, failed, landing, mismatched, used, name, meta)
-        for name, meta in sorted(target.meta.items())
+        name: _target_entry(program, builder, outputs, failed, landing, mismatched, used, name, m)
+        for name, m in sorted(target.meta.items())
     }
     # a key that shares storage with a loaded key is loaded too (tied embeddings)
     for name, entry in out.items():
@@ -306,26 +384,39 @@ def _mismatch(program: Program, builder: Builder, o: OutputEntry, want: tuple) -
     return problem("CKM302", "mismatch", f"shape mismatch: {said}", [*o.sources, o.target], o.rules)
 
 
-def _target_entry(program, builder, failed, landing, mismatched, used, name, meta) -> TargetEntry:
+def _target_entry(
+    program, builder, outputs, failed, landing, mismatched, used, name, meta
+) -> TargetEntry:
     """Where one target key comes from (its tie is decided after all are known)."""
     base = {"target": name, "shape": list(meta.shape), "dtype": meta.dtype}
-    providers = [o for o in landing.get(name, ()) if o.status == "loaded"]
-    if providers:
+    i = landing.get(name)
+    if i is not None and outputs.status[i] == "loaded":
         return TargetEntry(
-            **base, status="loaded", sources=providers[0].sources, rules=providers[0].rules
+            **base,
+            status="loaded",
+            sources=list(outputs.sources[i]),
+            rules=list(outputs.rules[i]),
         )
     if name in mismatched:
-        o = mismatched[name]
+        i = mismatched[name]
         return TargetEntry(
-            **base, status="initialized", sources=o.sources, reason="mismatch", rules=o.rules
+            **base,
+            status="initialized",
+            sources=list(outputs.sources[i]),
+            reason="mismatch",
+            rules=list(outputs.rules[i]),
         )
     if (init := _first_match(program.inits, name)) is not None:
         used.add(init.id)
         return TargetEntry(**base, status="initialized", reason="init", rules=[init.id])
     if name in failed:  # its provider failed: that problem is the one to read
-        o = failed[name]
+        i = failed[name]
         return TargetEntry(
-            **base, status="missing", sources=o.sources, reason="failed", rules=o.rules
+            **base,
+            status="missing",
+            sources=list(outputs.sources[i]),
+            reason="failed",
+            rules=list(outputs.rules[i]),
         )
     if name in builder.failed_names:  # what a failed merge or split would have made
         return TargetEntry(**base, status="missing", reason="failed")
@@ -336,22 +427,27 @@ def _unused_problems(
     program: Program,
     unused: list[int],
     source: Described,
-    outputs: list[OutputEntry],
+    outputs: _Outputs,
     targets: list[TargetEntry] | None,
     policies: dict[str, str],
 ) -> list[Problem]:
     """Each unused rule that is not `optional`, with the keys it nearly matched: first the
     unexpected and missing ones (where a typo's key would be), then any source key."""
-    troubled = [o.target for o in outputs if o.status == "unexpected"]
+    troubled = [
+        name
+        for name, status in zip(outputs.target, outputs.status, strict=True)
+        if status == "unexpected"
+    ]
     troubled += [t.target for t in targets or () if t.status == "missing"]
-    pools = [troubled, list(source.meta), [o.target for o in outputs]]
+    pools = [troubled, list(source.meta), outputs.target]
     found = []
+    keys = sorted(source.meta)
     for i in unused:
         rule = program.rules[i]
         if rule.node.optional:
             continue
         said = f"unused rule: {rule.where()} matches no key"
-        consumed = next((k for k in sorted(source.meta) if rule.matches_source(k)), None)
+        consumed = next((k for k in keys if rule.matches_source(k)), None)
         if consumed is not None:  # not a typo: the keys were there, and earlier rules took them
             said += (
                 f"; the source has keys it would match (such as {consumed}), but earlier rules "

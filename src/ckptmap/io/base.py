@@ -66,7 +66,10 @@ class Checkpoint(ABC):
         return {}
 
     def describe(self) -> Described:
-        return Described(self.meta(), self.ties())
+        from ..alloc import no_gc
+
+        with no_gc():  # a header's worth of small objects, none of them garbage
+            return Described(self.meta(), self.ties())
 
     def tensors(self) -> Mapping[str, torch.Tensor]:
         """A read-only mapping that reads each tensor when it is looked up."""
