@@ -25,6 +25,8 @@ def test_harness_runs_and_reports_every_target(tmp_path):
             "4",
             "--keys",
             "300",
+            "--big-keys",
+            "3000",
             "--repeat",
             "1",
             "--workdir",
@@ -37,6 +39,9 @@ def test_harness_runs_and_reports_every_target(tmp_path):
         timeout=600,
     )
     data = json.loads(out.read_text())
-    assert len(data["checks"]) == 21
+    assert len(data["checks"]) == 25
     assert data["planning"]["keys"] == 300 and data["planning"]["ok"]
+    assert data["planning_big"]["keys"] == 3000 and data["planning_big"]["ok"]
+    # the earlier planner ran from its own source and gave the same fingerprint
+    assert data["planning_before"]["plan_fingerprint"] == data["planning"]["plan_fingerprint"]
     assert {"cp", "ckptmap apply (rename, st -> st)"} <= set(data["results"])

@@ -937,3 +937,47 @@ def test_fmt_writes_through_a_link_and_keeps_the_mode(tmp_path):
     _run("fmt", link, status=0)
     assert link.is_symlink() and real.read_text().endswith('strip "module."\n')
     assert real.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    "header, meta",
+    [
+        # written in another order, or with a field more: read as safetensors reads it
+        (
+            '{"w": {"shape": [2], "data_offsets": [0, 8], "dtype": "F32"}}',
+            {"w": ((2,), "float32")},
+        ),
+        (
+            '{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": 1}}',
+            {"w": ((2,), "float32")},
+        ),
+        # metadata whose keys are an entry's three: still metadata
+        (
+            '{"__metadata__": {"dtype": "a", "shape": "b", "data_offsets": "c"}, '
+            '"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}',
+            {"w": ((2,), "float32")},
+        ),
+        # three tensors named like an entry's fields: still three tensors
+        (
+            '{"dtype": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+            '"shape": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}, '
+            '"data_offsets": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}}',
+            {
+                "dtype": ((1,), "float32"),
+                "shape": ((1,), "float32"),
+                "data_offsets": ((0,), "float32"),
+            },
+        ),
+    ],
+)
+def test_header_entries_are_read_whatever_their_form(tmp_path, header, meta):
+    """The header keeps entries as compact tuples when written as safetensors writes them;
+    every other form reads the same."""
+    from ckptmap.io import open_checkpoint
+
+    path = _header_file(tmp_path / "h.safetensors", header, b"\0" * 8)
+    ckpt = open_checkpoint(path)
+    assert {k: tuple(v) for k, v in ckpt.meta().items()} == meta
+    assert ckpt.metadata == json.loads(header).get("__metadata__", {})
+    for name in meta:
+        assert ckpt.raw(name).length == 4 * (meta[name][0] or (0,))[0]

@@ -110,8 +110,10 @@ class Builder:
         metas = list(map(meta.__getitem__, keys))
         self.shapes: list[Any] = [m[0] for m in metas]
         self.dtypes: list[str | None] = [m[1] for m in metas]
+        # value i is source i: one int object each, shared by the columns that hold it
+        self.source_ids = ids = list(range(len(keys)))
         by_template: dict[str, list[int]] = defaultdict(list)
-        for index, template in enumerate(_templates(keys)):
+        for index, template in zip(ids, _templates(keys), strict=True):
             by_template[template].append(index)
         for template, indexes in by_template.items():
             names = [keys[i] for i in indexes]

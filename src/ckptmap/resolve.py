@@ -248,7 +248,7 @@ def _source_entries(builder: Builder, outputs: _Outputs, live: Live) -> Columns:
             SourceEntry,
             [
                 keys,
-                list(range(n)),
+                builder.source_ids,
                 outputs.target,
                 shapes,
                 dtypes,
@@ -289,7 +289,7 @@ def _source_entries(builder: Builder, outputs: _Outputs, live: Live) -> Columns:
         SourceEntry,
         [
             keys,
-            list(range(n)),
+            builder.source_ids,
             [r[3] for r in rows],
             shapes,
             dtypes,

@@ -44,6 +44,29 @@ class _Duplicate(ValueError):
     pass
 
 
+class Entry(NamedTuple):
+    """One tensor's header entry, as safetensors writes it: a tuple, not a dict (a million
+    entries cost 200 MB less)."""
+
+    dtype: Any
+    shape: Any
+    data_offsets: Any
+
+
+_ENTRY_KEYS = ("dtype", "shape", "data_offsets")
+_make_entry = tuple.__new__
+
+
+def _header_object(items: list[tuple[str, Any]]) -> Any:
+    """A JSON object of a header: a tensor's entry in the order safetensors writes it
+    becomes an `Entry`; anything else a dict, refusing a key given twice."""
+    if len(items) == 3:
+        (k0, v0), (k1, v1), (k2, v2) = items
+        if k0 == "dtype" and k1 == "shape" and k2 == "data_offsets":
+            return _make_entry(Entry, (v0, v1, v2))
+    return _no_duplicates(items)
+
+
 def _no_duplicates(items: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object, refusing a key given twice (json.loads would keep the last, silently;
     safetensors refuses such files)."""
@@ -98,8 +121,13 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})", code="CKM501") from None
     check_count(body.count(b'"data_offsets"'), str(path))  # before parsing: a bound on the work
     try:
+        # decoded as json.loads would, then the bytes let go: a 100 MB header is not held
+        # twice while its objects are made
+        text = body.decode(json.detect_encoding(body), "surrogatepass")
+        del body
         with no_gc():  # 400k objects for a 100k-tensor header: a third of the time else
-            header = json.loads(body, object_pairs_hook=_no_duplicates)
+            header = json.loads(text, object_pairs_hook=_header_object)
+        del text
     except _Duplicate as e:
         raise CheckpointError(f"{path}: the header {e}", code="CKM511") from None
     except (UnicodeDecodeError, ValueError) as e:  # ValueError: also integers of 5,000 digits
@@ -108,8 +136,12 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         ) from None
     except RecursionError:
         raise CheckpointError(f"{path}: the header nests too deeply", code="CKM511") from None
+    if type(header) is Entry:  # three tensors named like an entry's fields
+        header = dict(zip(_ENTRY_KEYS, header, strict=True))
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the header is not a JSON object", code="CKM511")
+    if type(header.get("__metadata__")) is Entry:  # metadata with an entry's three keys
+        header["__metadata__"] = dict(zip(_ENTRY_KEYS, header["__metadata__"], strict=True))
     check_keys(header, str(path))
     _validate(path, header, size - 8 - n)
     return header, 8 + n
@@ -126,19 +158,25 @@ def _validate(path: Path, header: dict[str, Any], data_size: int) -> None:
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings", code="CKM511")
     ranges = []
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
+        if type(info) is not Entry:
+            if name == "__metadata__":
+                continue
+            # written in another order, or with more fields: read as safetensors reads it
+            if not isinstance(info, dict):
+                raise bad(name, "its entry is not an object")
+            fields = (info.get("dtype"), info.get("shape"), info.get("data_offsets"))
+            info = header[name] = _make_entry(Entry, fields)
         # the common case in as few steps as possible (100k-entry headers are read in full);
         # anything off takes the slow path below, which says what is wrong
         try:
-            shape, (begin, end) = info["shape"], info["data_offsets"]
+            dtype, shape, (begin, end) = info
             ok = (
                 type(shape) is list
                 and all(type(d) is int and 0 <= d < MAX_DIM for d in shape)
                 and type(begin) is int
                 and type(end) is int
                 and 0 <= begin <= end <= data_size
-                and end - begin == math.prod(shape) * DTYPES[info["dtype"]][1]
+                and end - begin == math.prod(shape) * DTYPES[dtype][1]
             )
         except (TypeError, KeyError, ValueError):
             ok = False
@@ -159,11 +197,9 @@ def _validate(path: Path, header: dict[str, Any], data_size: int) -> None:
         reach, reaching = end, name
 
 
-def _explain(bad: Any, name: str, info: Any, data_size: int) -> None:
+def _explain(bad: Any, name: str, info: Entry, data_size: int) -> None:
     """Raise the error that says what is wrong with one header entry."""
-    if not isinstance(info, dict):
-        raise bad(name, "its entry is not an object")
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    dtype, shape, offsets = info
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise bad(name, f"unknown dtype {dtype!r}"[:200])
     if not isinstance(shape, list) or not all(
@@ -240,7 +276,7 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def meta(self) -> dict[str, TensorMeta]:
         out = {
-            name: TensorMeta(tuple(info["shape"]), DTYPES[info["dtype"]][0])
+            name: TensorMeta(tuple(info.shape), DTYPES[info.dtype][0])
             for name, info in self.header.items()
             if name != "__metadata__"
         }
@@ -256,7 +292,7 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def raw(self, name: str) -> RawBytes:
         """Where `name`'s bytes lie in the file."""
-        begin, end = self.header[self.aliases.get(name, name)]["data_offsets"]
+        begin, end = self.header[self.aliases.get(name, name)].data_offsets
         return RawBytes(self.path, self.data_start + begin, end - begin)
 
     def get(self, name: str) -> torch.Tensor:
@@ -269,7 +305,7 @@ class SafetensorsCheckpoint(Checkpoint):
         info = self.header.get(name)
         if info is None or name == "__metadata__":
             raise KeyError(name)
-        tensor = torch.empty(info["shape"], dtype=getattr(torch, DTYPES[info["dtype"]][0]))
+        tensor = torch.empty(info.shape, dtype=getattr(torch, DTYPES[info.dtype][0]))
         self.raw(name).read_into(tensor)
         if self.aliases and name in self.aliases.values():
             self._cache[name] = tensor
