@@ -228,6 +228,74 @@ def test_plan_is_json_and_fingerprinted(pretrained):
     assert other.fingerprint != plan.fingerprint
 
 
+def _small_plan() -> ckptmap.Plan:
+    return ckptmap.compile('rename "a" -> "b"\non unexpected ignore').plan(
+        {"a.w": (2, 3), "c": (1,)}, {"b.w": (2, 3), "c": (1,)}
+    )
+
+
+@pytest.mark.parametrize("fingerprint", [None, "", "sha256:" + "0" * 64])
+def test_an_edited_plan_is_refused_whatever_its_fingerprint_says(fingerprint):
+    import json
+
+    document = json.loads(_small_plan().to_json())
+    document["sources"][0]["target"] = document["outputs"][0]["target"] = "elsewhere"
+    if fingerprint is None:
+        del document["fingerprint"]
+    else:
+        document["fingerprint"] = fingerprint
+    with pytest.raises(ckptmap.CheckpointError) as info:
+        ckptmap.Plan.from_json(json.dumps(document))
+    assert info.value.code == "CKM542"
+
+
+@pytest.mark.parametrize("read_first", [False, True])
+def test_a_plans_fingerprint_is_of_the_plan_as_made(read_first):
+    """Computed when first asked, but of what the planner made: an edit made before or
+    after the first read does not change it (a plan edited in memory and saved is refused
+    when read back, as an edited file is)."""
+    fresh = _small_plan().fingerprint
+    plan = _small_plan()
+    if read_first:
+        assert plan.fingerprint == fresh
+    plan.outputs[0].target = "elsewhere"
+    plan.problems.clear()
+    assert plan.fingerprint == fresh
+    with pytest.raises(ckptmap.CheckpointError):
+        ckptmap.Plan.from_json(plan.to_json())
+
+
+def test_plans_share_no_containers():
+    from ckptmap.plan import fingerprint_of
+
+    plan = _small_plan()
+    fingerprint = plan.fingerprint
+    inverse = plan.inverse()
+    inverse.policies["missing"] = "ignore"
+    inverse.values.append(inverse.values[0])
+    inverse.rules.clear()
+    assert plan.policies["missing"] == "error" and plan.rules
+    assert len(plan.values) == len(inverse.values) - 1
+    assert fingerprint_of(plan) == fingerprint
+
+
+def test_a_plan_made_by_hand_takes_records_or_their_fields():
+    from ckptmap.plan import SourceEntry
+
+    fields = {"source": "a", "value": 0, "target": "a", "shape": [1], "status": "loaded"}
+    by_hand = ckptmap.Plan(rules_fingerprint="x", rules=[], policies={}, sources=[fields])
+    assert by_hand.sources == [SourceEntry(**fields)]
+    assert by_hand.fingerprint == ""  # made by hand: fingerprinted only when asked to be
+    assert by_hand == ckptmap.Plan(
+        rules_fingerprint="x", rules=[], policies={}, sources=[SourceEntry(**fields)]
+    )
+
+
+def test_plans_compare_without_json():
+    plan = ckptmap.compile("").plan({"x\udc00": ()})  # a name JSON cannot hold
+    assert plan == ckptmap.compile("").plan({"x\udc00": ()})
+
+
 def test_python_built_rules_equal_parsed_rules():
     built = Ruleset([Strip("module."), Init("fc"), Freeze("**"), Unfreeze("fc")])
     parsed = ckptmap.parse('strip "module."\ninit "fc"\nfreeze "**"\nunfreeze "fc"\n')

@@ -228,6 +228,7 @@ class Plan:
     __slots__ = (
         "_fingerprint",
         "_outputs",
+        "_sealed",
         "_sources",
         "_values",
         "ckptmap",
@@ -258,19 +259,50 @@ class Plan:
         fingerprint: str = "",
         ckptmap: str = __version__,
     ):
+        given: dict[str, Any] = {
+            "rules": rules,
+            "values": [] if values is None else values,
+            "sources": sources,
+            "steps": [] if steps is None else steps,
+            "outputs": [] if outputs is None else outputs,
+            "targets": targets,
+            "problems": [] if problems is None else problems,
+            "trainable": [] if trainable is None else trainable,
+        }
+        if not all(_holds(name, held) for name, held in given.items()):  # dicts, say: checked
+            document = PlanDocument.model_validate(
+                {name: held for name, held in given.items() if not isinstance(held, Columns)}
+                | {"rules_fingerprint": rules_fingerprint, "policies": policies}
+            )
+            given |= {name: getattr(document, name) for name in given if name != "sources"} | {
+                "sources": sources if isinstance(sources, Columns) else document.sources
+            }
+        # containers of its own (a plan made from another shares none of its lists)
+        own: dict[str, Any] = {
+            n: h if isinstance(h, Columns) or h is None else list(h) for n, h in given.items()
+        }
         self.ckptmap = ckptmap
         self.rules_fingerprint = rules_fingerprint
-        self.rules = rules
-        self.policies = policies
-        self._values = [] if values is None else values
-        self._sources = sources
-        self.steps = [] if steps is None else steps
-        self._outputs = [] if outputs is None else outputs
-        self.targets = targets
-        self.problems = [] if problems is None else problems
-        self.unused_rules = [] if unused_rules is None else unused_rules
-        self.trainable = [] if trainable is None else trainable
+        self.rules = own["rules"]
+        self.policies = dict(policies)
+        self._values = own["values"]
+        self._sources = own["sources"]
+        self.steps = own["steps"]
+        self._outputs = own["outputs"]
+        self.targets = own["targets"]
+        self.problems = own["problems"]
+        self.unused_rules = [] if unused_rules is None else list(unused_rules)
+        self.trainable = own["trainable"]
         self._fingerprint = fingerprint
+        self._sealed: tuple | None = None
+
+    def _seal(self) -> Plan:
+        """Fix the fingerprint to the plan as it is now, to be computed when first asked:
+        the planner's columns are kept (the records made from them are copies), the other
+        sections are encoded now. Edits made later do not change it, as when it was
+        computed at once."""
+        self._sealed = (self._values, self._sources, self._outputs, _eager_sections(self))
+        return self
 
     # --- the records, made on first use ---
     def _records(self, slot: str) -> list:
@@ -306,14 +338,17 @@ class Plan:
 
     @property
     def fingerprint(self) -> str:
-        """A hash of what the plan does (see `fingerprint_of`), computed when first asked."""
-        if not self._fingerprint:
-            self._fingerprint = fingerprint_of(self)
+        """A hash of what the plan does (see `fingerprint_of`): of the plan as the planner
+        made it, computed when first asked."""
+        if self._sealed is not None:
+            if not self._fingerprint:
+                self._fingerprint = _digest(*self._sealed)
+            self._sealed = None
         return self._fingerprint
 
     @fingerprint.setter
     def fingerprint(self, value: str) -> None:
-        self._fingerprint = value
+        self._fingerprint, self._sealed = value, None
 
     def replaced(self, **changes: Any) -> Plan:
         """A copy with some fields replaced (the records are shared, not copied); its
@@ -328,7 +363,7 @@ class Plan:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Plan):
             return NotImplemented
-        return self.fingerprint == other.fingerprint and self.to_json() == other.to_json()
+        return all(getattr(self, name) == getattr(other, name) for name in _FIELDS)
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -409,7 +444,7 @@ class Plan:
                 hint="save one with `ckptmap plan RULES -s SOURCE --json > plan.json`",
             ) from None
         plan = cls(**{name: getattr(document, name) for name in _FIELDS})
-        if plan.fingerprint != fingerprint_of(plan):
+        if document.fingerprint != fingerprint_of(plan):
             raise CheckpointError(
                 f"{name}the plan's content does not match its fingerprint {plan.fingerprint[:19]} "
                 "(edited or cut short)",
@@ -457,49 +492,84 @@ def fingerprint_of(plan: Plan) -> str:
     fed in (a new field must be added here too), as compact JSON rows: taken from the
     planner's columns when it still holds them, else from the records (the same bytes).
     """
+    return _digest(plan._values, plan._sources, plan._outputs, _eager_sections(plan))
+
+
+_dumps = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+
+
+def _section(rows: Any) -> bytes:
+    return _dumps(rows).encode() + b"\n"
+
+
+def _eager_sections(plan: Plan) -> list[bytes]:
+    """The sections of the fingerprint held as records (few, or the target's): the first,
+    the steps, the targets, the problems and the last."""
+    return [
+        _section([plan.rules_fingerprint, [r.text for r in plan.rules], plan.policies]),
+        _section([[s.op, s.args, s.inputs, s.outputs, s.rule] for s in plan.steps]),
+        _section(
+            None
+            if plan.targets is None
+            else [
+                [t.target, t.shape, t.dtype, t.status, t.sources, t.reason, t.tied_to, t.rules]
+                for t in plan.targets
+            ]
+        ),
+        _section([[p.code, p.kind, p.severity, p.message, p.keys, p.rules] for p in plan.problems]),
+        _section([plan.unused_rules, [[t.target, t.frozen, t.rule] for t in plan.trainable]]),
+    ]
+
+
+def _digest(values: Any, sources: Any, outputs: Any, eager: list[bytes]) -> str:
     from .alloc import no_gc
 
-    with no_gc():  # rows made and dropped in bulk: nothing for the collector to find
-        return _fingerprint_of(plan)
-
-
-def _fingerprint_of(plan: Plan) -> str:
     digest = hashlib.sha256()
-    dumps = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
-
-    def feed(rows: Any) -> None:
-        digest.update(dumps(rows).encode())
-        digest.update(b"\n")
 
     def feed_rows(held: Any, fields: str) -> None:
         """A table's rows as one JSON array, encoded a slice at a time (a million rows'
-        text never held at once): the bytes `feed` would give for the whole list."""
+        text never held at once): the bytes `_section` would give for the whole list."""
         rows = held.rows() if isinstance(held, Columns) else map(attrgetter(*fields.split()), held)
         digest.update(b"[")
         first = True
         while chunk := list(islice(rows, 4096)):
             if not first:
                 digest.update(b",")
-            digest.update(dumps(chunk)[1:-1].encode())
+            digest.update(_dumps(chunk)[1:-1].encode())
             first = False
         digest.update(b"]\n")
 
-    feed([plan.rules_fingerprint, [r.text for r in plan.rules], plan.policies])
-    feed_rows(plan._values, "shape dtype")
-    feed_rows(plan._sources, "source value target shape dtype status reason rules")
-    feed([[s.op, s.args, s.inputs, s.outputs, s.rule] for s in plan.steps])
-    feed_rows(plan._outputs, "target value shape dtype sources status reason rules")
-    feed(
-        None
-        if plan.targets is None
-        else [
-            [t.target, t.shape, t.dtype, t.status, t.sources, t.reason, t.tied_to, t.rules]
-            for t in plan.targets
-        ]
-    )
-    feed([[p.code, p.kind, p.severity, p.message, p.keys, p.rules] for p in plan.problems])
-    feed([plan.unused_rules, [[t.target, t.frozen, t.rule] for t in plan.trainable]])
+    head, steps, targets, problems, tail = eager
+    with no_gc():  # rows made and dropped in bulk: nothing for the collector to find
+        digest.update(head)
+        feed_rows(values, "shape dtype")
+        feed_rows(sources, "source value target shape dtype status reason rules")
+        digest.update(steps)
+        feed_rows(outputs, "target value shape dtype sources status reason rules")
+        digest.update(targets + problems + tail)
     return "sha256:" + digest.hexdigest()
+
+
+_KINDS = {
+    "rules": RuleInfo,
+    "values": Value,
+    "sources": SourceEntry,
+    "steps": Step,
+    "outputs": OutputEntry,
+    "targets": TargetEntry,
+    "problems": Problem,
+    "trainable": Trainable,
+}
+
+
+def _holds(name: str, held: Any) -> bool:
+    """Whether a field given to `Plan` is already what it holds (records of its kind)."""
+    if held is None:
+        return name == "targets"
+    if isinstance(held, Columns):
+        return held.kind is _KINDS[name]
+    kind = _KINDS[name]
+    return isinstance(held, list) and all(type(x) is kind for x in held)
 
 
 def problem(code, kind, message, keys, rules, action: str = "error") -> Problem:

@@ -77,7 +77,7 @@ def _build_plan(
     if unused and policies["unused"] != "ignore":
         problems += _unused_problems(program, unused, source, outputs, targets, policies)
     shapes, dtypes = builder.shapes, builder.dtypes
-    return Plan(
+    plan = Plan(
         rules_fingerprint=program.fingerprint,
         rules=[RuleInfo(id=r.id, text=r.text, span=r.span) for r in program.rules],
         policies=dict(sorted(policies.items())),
@@ -102,6 +102,7 @@ def _build_plan(
         unused_rules=unused,
         trainable=trainable,
     )
+    return plan._seal()  # its fingerprint: of the plan as made, computed when asked
 
 
 class _Outputs:
