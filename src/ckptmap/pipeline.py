@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from itertools import repeat
+from operator import getitem, itemgetter, le
 from typing import TYPE_CHECKING, Any
 
 from .meta import Described
@@ -74,9 +76,11 @@ class Live:
 
 
 def _cook(parts: list, keys: list[str]) -> list[str]:
-    """The keys rewritten by a recipe, part by part over all of them (one join per key)."""
+    """The keys rewritten by a recipe, part by part over all of them (one join per key):
+    each slice is taken from every key in one `map`."""
     columns = [
-        [p] * len(keys) if isinstance(p, str) else [k[p[0] : p[1]] for k in keys] for p in parts
+        repeat(p, len(keys)) if isinstance(p, str) else map(getitem, keys, repeat(slice(*p)))
+        for p in parts
     ]
     return list(map("".join, zip(*columns, strict=True))) if columns else [""] * len(keys)
 
@@ -108,18 +112,17 @@ class Builder:
         meta = source.meta
         self.keys = keys = sorted(meta)
         metas = list(map(meta.__getitem__, keys))
-        self.shapes: list[Any] = [m[0] for m in metas]
-        self.dtypes: list[str | None] = [m[1] for m in metas]
+        self.shapes: list[Any] = list(map(itemgetter(0), metas))
+        self.dtypes: list[str | None] = list(map(itemgetter(1), metas))
         # value i is source i: one int object each, shared by the columns that hold it
         self.source_ids = ids = list(range(len(keys)))
         by_template: dict[str, list[int]] = defaultdict(list)
         for index, template in zip(ids, _templates(keys), strict=True):
             by_template[template].append(index)
         for template, indexes in by_template.items():
-            names = [keys[i] for i in indexes]
-            group = _Group(
-                template, names, indexes, [(k,) for k in names], [(i,) for i in indexes], []
-            )
+            names = list(map(keys.__getitem__, indexes))
+            # zip of one column: its items as 1-tuples (each key's sources, its order)
+            group = _Group(template, names, indexes, list(zip(names)), list(zip(indexes)), [])
             self.buckets[template] = [group]
             if not columns:  # key by key from the start: the shortcut's reference
                 self._explode(template)
@@ -189,11 +192,18 @@ class Builder:
                     out.rules.append(n.rules)
                     out.failed.append(n.failed)
                     out.templates.append(n.template)
-        perm = sorted(range(len(out.orders)), key=out.orders.__getitem__)
-        if perm != list(range(len(perm))):
-            for f in fields(Live):
-                column = getattr(out, f.name)
-                setattr(out, f.name, [column[p] for p in perm])
+        orders = out.orders
+        if all(map(le, orders, orders[1:])):  # in order already
+            return out
+        if set(map(len, orders)) == {1}:  # each a source's own: sort on its number
+            firsts = list(map(itemgetter(0), orders))
+            perm = sorted(range(len(orders)), key=firsts.__getitem__)
+        else:
+            perm = sorted(range(len(orders)), key=orders.__getitem__)
+        take = itemgetter(*perm) if len(perm) > 1 else None
+        for f in fields(Live):
+            column = getattr(out, f.name)
+            setattr(out, f.name, list(take(column)) if take else column)
         return out
 
     def _value(self, shape: Any, dtype: str | None) -> int:

@@ -178,9 +178,13 @@ def _outputs(program: Program, builder: Builder, live: Live) -> _Outputs:
 def _landing(program: Program, outputs: _Outputs, problems: list[Problem]) -> dict[str, int]:
     """The loaded outputs by name. Two tensors on one name are never silent: a problem
     naming both and their rules, and neither is loaded."""
-    loaded = [i for i, st in enumerate(outputs.status) if st == "loaded"]
-    names = outputs.target
-    landing = dict(zip([names[i] for i in loaded], loaded, strict=True))
+    names, status = outputs.target, outputs.status
+    if status.count("loaded") == len(status):  # the usual plan: every output loaded
+        loaded: list[int] = list(range(len(names)))
+        landing = dict(zip(names, loaded, strict=True))
+    else:
+        loaded = [i for i, st in enumerate(status) if st == "loaded"]
+        landing = dict(zip([names[i] for i in loaded], loaded, strict=True))
     if len(landing) == len(loaded):
         return landing
     on: dict[str, list[int]] = defaultdict(list)
@@ -238,13 +242,17 @@ def _source_entries(builder: Builder, outputs: _Outputs, live: Live) -> Columns:
     if (
         not builder.dropped
         and len(outputs) == n
-        and all(len(o) == 1 for o in live.orders)
-        and all(len(s) == 1 for s in outputs.sources)
+        and set(map(len, live.orders)) <= {1}
+        and set(map(len, outputs.sources)) <= {1}
     ):  # every source ended in one output of its own, in the sources' order
-        reasons = [
-            r if st in ("skipped", "failed") else None
-            for st, r in zip(outputs.status, outputs.reason, strict=True)
-        ]
+        reasons = (
+            [None] * n
+            if outputs.status.count("loaded") == n
+            else [
+                r if st in ("skipped", "failed") else None
+                for st, r in zip(outputs.status, outputs.reason, strict=True)
+            ]
+        )
         return Columns(
             SourceEntry,
             [
@@ -434,6 +442,9 @@ def _unused_problems(
 ) -> list[Problem]:
     """Each unused rule that is not `optional`, with the keys it nearly matched: first the
     unexpected and missing ones (where a typo's key would be), then any source key."""
+    unused = [i for i in unused if not program.rules[i].node.optional]
+    if not unused:  # optional rules may match nothing: nothing to say
+        return []
     troubled = [
         name
         for name, status in zip(outputs.target, outputs.status, strict=True)
@@ -445,8 +456,6 @@ def _unused_problems(
     keys = sorted(source.meta)
     for i in unused:
         rule = program.rules[i]
-        if rule.node.optional:
-            continue
         said = f"unused rule: {rule.where()} matches no key"
         consumed = next((k for k in keys if rule.matches_source(k)), None)
         if consumed is not None:  # not a typo: the keys were there, and earlier rules took them

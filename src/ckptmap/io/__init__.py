@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, UsageError
-from ..meta import Described, meta_of, ties_of
+from ..meta import Described, TensorMeta, meta_of, ties_of
 from .base import Checkpoint
 from .dcp import is_dcp
 from .files import open_file, refuse_special
@@ -67,7 +67,9 @@ def describe(obj: Any, role: str = "source") -> Described:
         params = frozenset(n for n, _ in obj.named_parameters(remove_duplicate=False))
         return Described(meta_of(state, role), ties_of(state), params)
     if isinstance(obj, Mapping):
-        tensors = {k: v for k, v in obj.items() if torch and isinstance(v, torch.Tensor)}
+        if torch is None or set(map(type, obj.values())) <= {TensorMeta, tuple, list}:
+            return Described(meta_of(obj, role))  # shapes only: nothing can be tied
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         return Described(meta_of(obj, role), ties_of(tensors))
     raise UsageError(
         f"{role} must be a state_dict, a {{name: shape}} mapping, an nn.Module or a checkpoint "

@@ -143,7 +143,8 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     if type(header.get("__metadata__")) is Entry:  # metadata with an entry's three keys
         header["__metadata__"] = dict(zip(_ENTRY_KEYS, header["__metadata__"], strict=True))
     check_keys(header, str(path))
-    _validate(path, header, size - 8 - n)
+    with no_gc():  # a range per tensor, kept to the end of the checks
+        _validate(path, header, size - 8 - n)
     return header, 8 + n
 
 
@@ -172,12 +173,14 @@ def _validate(path: Path, header: dict[str, Any], data_size: int) -> None:
             dtype, shape, (begin, end) = info
             ok = (
                 type(shape) is list
-                and all(type(d) is int and 0 <= d < MAX_DIM for d in shape)
                 and type(begin) is int
                 and type(end) is int
                 and 0 <= begin <= end <= data_size
                 and end - begin == math.prod(shape) * DTYPES[dtype][1]
             )
+            for d in shape if ok else ():  # a loop, not all(...): no generator per entry
+                if type(d) is not int or not 0 <= d < MAX_DIM:
+                    ok = False
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:
@@ -275,8 +278,9 @@ class SafetensorsCheckpoint(Checkpoint):
         return {**aliases, **ours}
 
     def meta(self) -> dict[str, TensorMeta]:
-        out = {
-            name: TensorMeta(tuple(info.shape), DTYPES[info.dtype][0])
+        new, names = tuple.__new__, {code: name for code, (name, _) in DTYPES.items()}
+        out = {  # TensorMeta made as the tuple it is (its own __new__ is a Python call)
+            name: new(TensorMeta, (tuple(info[1]), names[info[0]]))
             for name, info in self.header.items()
             if name != "__metadata__"
         }
