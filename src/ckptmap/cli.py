@@ -598,7 +598,7 @@ def _apply(
         from .compile import compile
 
         program = compile(list(rules or ()))
-        if not reverse:
+        if not reverse and program.revision is not None:  # a step of a history
             from .history import refuse_other_revision
 
             refuse_other_revision(program, ckpt)

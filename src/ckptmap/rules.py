@@ -18,10 +18,10 @@ when they say the same thing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -635,7 +635,9 @@ class Ruleset(Node):
     def to_yaml(self) -> str:
         """Canonical YAML text (`ckptmap: 1`, `rules: [...]`)."""
         doc = {"ckptmap": self.version, "rules": [rule.to_yaml() for rule in self.rules]}
-        return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=1000)
+        import yaml
+
+        return yaml.dump(doc, Dumper=_dumper(), sort_keys=False, width=1000)
 
     def to_json(self) -> str:
         """The YAML form as JSON."""
@@ -649,16 +651,21 @@ class Ruleset(Node):
         )
 
 
-class _Dumper(yaml.SafeDumper):
-    """Lists of plain values print on one line: `ops: [{transpose: [0, 1]}]`."""
+@functools.cache
+def _dumper() -> Any:
+    """PyYAML's safe dumper, with lists of plain values on one line (`ops: [{transpose:
+    [0, 1]}]`); made on first use (a command that writes no YAML never imports it)."""
+    import yaml
 
+    class Dumper(yaml.SafeDumper):
+        pass
 
-def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
-    flat = all(not isinstance(x, dict) for x in data)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+    def represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+        flat = all(not isinstance(x, dict) for x in data)
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
 
-
-_Dumper.add_representer(list, _represent_list)
+    Dumper.add_representer(list, represent_list)
+    return Dumper
 
 
 # --- quoting -------------------------------------------------------------------------
@@ -731,9 +738,11 @@ def _ops_not_text(ops: Any) -> Any:
             example = f"{{{bare}: [args]}}" if _WORD.fullmatch(bare) else "{transpose: [0, 1]}"
             call = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_-]*)\s*\((.*)\)\s*", op, re.S)
             with contextlib.suppress(Exception):  # the op as YAML, when the text reads as one
+                import yaml
+
                 args = yaml.safe_load(f"[{call[2]}]")  # type: ignore[index]
                 spelled = OpCall(call[1], tuple(args)).to_yaml()  # type: ignore[index]
-                example = yaml.dump(spelled, Dumper=_Dumper, default_flow_style=True).strip()
+                example = yaml.dump(spelled, Dumper=_dumper(), default_flow_style=True).strip()
             raise ValueError(
                 f"op {i + 1} is the text {op!r}; in YAML each op is a mapping "
                 f"{{name: [args]}}: write {example}"

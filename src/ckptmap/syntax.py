@@ -11,9 +11,8 @@ import difflib
 import functools
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
 from pydantic import ValidationError
@@ -47,6 +46,9 @@ from .rules import (
 )
 from .shipped import SHIPPED_PREFIX, shipped_file, shipped_rule_file
 from .span import Span
+
+if TYPE_CHECKING:
+    import yaml
 
 KEYWORDS = ("ckptmap", *STATEMENTS, "optional")
 _STRING = re.compile(r'"([^"\\\n]|\\[^\n])*"')
@@ -432,21 +434,53 @@ def _unescape_regex(body: str) -> str:
 # --- YAML / JSON -------------------------------------------------------------------------
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """YAML without aliases: `*name` can expand a 300-byte file into gigabytes ("billion
-    laughs"), and a rule file never needs one."""
+@functools.cache
+def _no_alias_loader() -> Any:
+    """PyYAML's safe loader without aliases: `*name` can expand a 300-byte file into
+    gigabytes ("billion laughs"), and a rule file never needs one. Made on first use: a
+    command that reads no YAML never imports it."""
+    import yaml
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.get_event()
-            raise yaml.composer.ComposerError(
-                None, None, "aliases (*name) are not allowed in rule files", event.start_mark
-            )
-        return super().compose_node(parent, index)
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.get_event()
+                raise yaml.composer.ComposerError(
+                    None, None, "aliases (*name) are not allowed in rule files", event.start_mark
+                )
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
+def _read_yaml(text: str, error: Any) -> tuple[Any, Any]:
+    """The YAML document's root node and its data, every PyYAML error said as a rule
+    file's."""
+    import yaml
+
+    loader = None
+    try:
+        loader = _no_alias_loader()(text)
+        root = loader.get_single_node()
+        return root, loader.construct_document(root) if root is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise error("CKM110", f"not valid YAML: {e.problem or e.context}", mark) from None
+    except yaml.YAMLError as e:
+        raise RuleSyntaxError(f"not valid YAML: {e}", code="CKM110") from None
+    except RecursionError:
+        raise RuleSyntaxError("not a rule file: it nests too deeply", code="CKM110") from None
+    except ValueError as e:  # a value YAML reads but Python refuses (a 5,000-digit integer)
+        raise RuleSyntaxError(f"not a rule file: {str(e)[:200]}", code="CKM110") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 def parse_yaml(text: str, path: str | Path | None = None) -> Ruleset:
     """Read the YAML (or JSON) form of a rule file into the same IR as the DSL."""
+    import yaml  # here, not at the top: a command that reads no YAML never imports it
+
     file = str(path) if path is not None else None
 
     def span_of(node: yaml.Node | yaml.Mark) -> Span:
@@ -461,24 +495,7 @@ def parse_yaml(text: str, path: str | Path | None = None) -> Ruleset:
             message, code=code, span=span, line_text=line_of(text, span.line), hint=hint
         )
 
-    loader = None
-    try:
-        loader = _NoAliasLoader(text)
-        root = loader.get_single_node()
-        data = loader.construct_document(root) if root is not None else None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        raise error("CKM110", f"not valid YAML: {e.problem or e.context}", mark) from None
-    except yaml.YAMLError as e:
-        raise RuleSyntaxError(f"not valid YAML: {e}", code="CKM110") from None
-    except RecursionError:
-        raise RuleSyntaxError("not a rule file: it nests too deeply", code="CKM110") from None
-    except ValueError as e:  # a value YAML reads but Python refuses (a 5,000-digit integer)
-        raise RuleSyntaxError(f"not a rule file: {str(e)[:200]}", code="CKM110") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-
+    root, data = _read_yaml(text, error)
     if root is None or data is None:
         return Ruleset(file=file)
     if not isinstance(data, dict):
@@ -532,6 +549,8 @@ _BESIDE = frozenset({"optional", "from", "fill"})
 
 
 def _value_node(mapping: yaml.Node, key: str) -> yaml.Node | None:
+    import yaml
+
     if isinstance(mapping, yaml.MappingNode):
         for k, v in mapping.value:
             if getattr(k, "value", None) == key:
