@@ -72,6 +72,11 @@ HashSourceOpt = Annotated[
     bool, typer.Option(help="Record the source files' sha256 in the output's metadata.")
 ]
 ReportOpt = Annotated[Path | None, typer.Option(help="Also write the report as JSON.")]
+HtmlOpt = Annotated[
+    Path | None,
+    typer.Option("--html", help="Also write it as one self-contained HTML page (works offline)."),
+]
+ReplaceHtmlOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --html if it exists.")]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Replace --out and --report if they exist.")
 ]
@@ -434,6 +439,8 @@ def plan(
         bool, typer.Option("--json", help="Print the plan as JSON (apply --plan reads it).")
     ] = False,
     strict: StrictOpt = False,
+    html_out: HtmlOpt = None,
+    overwrite: ReplaceHtmlOpt = False,
 ) -> None:
     """Dry run: what every source tensor becomes, from names and shapes only."""
 
@@ -441,10 +448,17 @@ def plan(
         from .compile import compile
         from .io import open_checkpoint
 
+        if html_out is not None:
+            _check_page(html_out, overwrite, [*rules, source, target])
         ckpt = open_checkpoint(source, select)
         the_plan = compile(list(rules)).plan(
             ckpt.describe(), _target(target), on_unused="error" if strict else None
         )
+        if html_out is not None:
+            from .page import plan_page
+
+            title = f"{', '.join(p.name for p in rules)}: {source.name}"
+            _write_page(html_out, plan_page(the_plan, title))
         if json_out:
             print(the_plan.to_json())
         else:
@@ -456,6 +470,23 @@ def plan(
             raise typer.Exit(1)
 
     _run(body)
+
+
+def _check_page(path: Path, overwrite: bool, reads: list) -> None:
+    """Before any work: the page goes somewhere writable, over no input, over no file unless
+    told to."""
+    from .io.write import check_text_destination, refuse_clobbering
+
+    inputs = [("input", Path(p)) for p in reads if p is not None and Path(p).exists()]
+    refuse_clobbering([("--html", path)], inputs)
+    check_text_destination(path, overwrite)
+
+
+def _write_page(path: Path, text: str) -> None:
+    from .io.write import write_text_atomically
+
+    write_text_atomically(path, text)
+    err().print(f"wrote {path} ({len(text.encode()) / 1024:.0f} KiB)", markup=False)
 
 
 def print_plan(console: Console, the_plan: Plan) -> None:
@@ -847,12 +878,20 @@ def _history(folder: Path) -> Any:
 @app.command()
 def history(
     folder: Annotated[Path, typer.Argument(help="A folder of revision steps.")],
+    html_out: HtmlOpt = None,
+    overwrite: ReplaceHtmlOpt = False,
 ) -> None:
     """Draw a history: its revisions from base to head, merges, and what each step changes."""
 
     def body() -> None:
+        if html_out is not None:
+            _check_page(html_out, overwrite, [folder])
         hist = _history(folder)
         summaries = {s.revision: s for s in hist.check()}
+        if html_out is not None:
+            from .page import history_page
+
+            _write_page(html_out, history_page(hist, f"history: {folder.name}"))
         console = out()
         console.print(
             f"{folder}: {len(hist.steps)} revisions, base {hist.base}, head {hist.head}",
