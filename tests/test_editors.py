@@ -192,3 +192,78 @@ def test_the_textmate_grammar_scopes_ops_policies_and_regexes():
     assert ("entity.name.function.op.ckmap", "transpose") in scopes
     assert ("constant.numeric.ckmap", "1") in scopes
     assert scopes[-1] == ("comment.line.number-sign.ckmap", "# swap")
+
+
+# --- the docs as a site ----------------------------------------------------------------------
+
+
+def test_the_site_lists_every_docs_page():
+    import yaml
+
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    listed = {next(iter(item.values())) for item in config["nav"]}
+    assert listed == {p.name for p in (ROOT / "docs").glob("*.md")}
+
+
+@pytest.mark.slow
+def test_the_site_builds_strictly_with_ckmap_highlighted(tmp_path):
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    page = (tmp_path / "language" / "index.html").read_text()
+    assert re.search(r'<span class="k">rename</span>', page)
+    assert (tmp_path / "images" / "plan-page.png").is_file()
+
+
+@pytest.mark.slow
+def test_the_pre_commit_hooks_run_the_commands_they_name(tmp_path):
+    """Each hook's entry, as pre-commit runs it (the entry, its args, the matching files)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    hooks = {h["id"]: h for h in yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())}
+    assert set(hooks) == {"ckptmap-check", "ckptmap-fmt"}
+    good, messy = tmp_path / "good.ckmap", tmp_path / "messy.ckmap"
+    good.write_text('ckptmap 1\n\nstrip "module."\n')
+    messy.write_text('strip    "module."\n')
+    bad = tmp_path / "bad.ckmap"
+    bad.write_text('rename "a" "b"\n')
+    cli = str(Path(sys.executable).with_name("ckptmap"))
+    for hook in hooks.values():
+        assert hook["language"] == "python" and re.search(hook["files"], "rules/x.ckmap")
+        assert not re.search(hook["files"], "model.safetensors")
+
+    def run(hook: str, *files: Path) -> subprocess.CompletedProcess:
+        entry = hooks[hook]["entry"].split()
+        return subprocess.run([cli, *entry[1:], *map(str, files)], capture_output=True, text=True)
+
+    assert run("ckptmap-check", good, messy).returncode == 0
+    failed = run("ckptmap-check", good, bad)
+    assert failed.returncode == 2 and "bad.ckmap:1:" in failed.stderr + failed.stdout
+    assert run("ckptmap-fmt", messy).returncode == 0
+    assert messy.read_text() == 'ckptmap 1\n\nstrip "module."\n'  # rewritten: pre-commit sees it
+
+
+@pytest.mark.slow
+def test_everything_that_never_touches_a_tensor_runs_without_torch():
+    """tests/without_torch.py with torch made unimportable (.ci/run also runs it where
+    torch is not installed at all)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "without_torch.py"), "--block"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr

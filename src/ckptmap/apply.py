@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CkptmapError, LoadError, UsageError, summarize
+from .errors import CkptmapError, LoadError, UsageError, needs_torch, summarize
 from .meta import TensorMeta, itemsize
 from .ops import make
 
@@ -516,6 +516,7 @@ def _put_back(undo: list) -> None:
                 tensor.data = saved
 
 
+@needs_torch("Plan.apply")
 def apply_plan(plan: Plan, source: Any) -> dict[str, torch.Tensor]:
     """The mapped state_dict. Renames hand back the source's own tensor objects (no copy)."""
     import torch
@@ -529,6 +530,7 @@ def apply_plan(plan: Plan, source: Any) -> dict[str, torch.Tensor]:
         return {o.target: evaluator.take(o.value) for o in loaded}
 
 
+@needs_torch("writing this plan's output (tensor transforms, .pt files)")
 def write_plan(
     plan: Plan,
     checkpoint: Checkpoint,

@@ -141,6 +141,14 @@ def _run(fn: Any) -> None:
             raise
         err().print(e.render(), markup=False)
         raise typer.Exit(2) from None
+    except ModuleNotFoundError as e:
+        from .errors import is_torch_missing, torch_missing
+
+        if _state["debug"] or not is_torch_missing(e):
+            raise
+        command = fn.__qualname__.split(".")[0]  # the command whose body this is
+        err().print(torch_missing(f"ckptmap {command}").render(), markup=False)
+        raise typer.Exit(2) from None
 
 
 @app.callback()

@@ -154,6 +154,48 @@ def source_lines(text: str) -> list[str]:
     return lines
 
 
+# --- torch, where it is needed -------------------------------------------------------------
+
+TORCH_HINT = (
+    "pip install 'ckptmap[torch]' (for the CPU build, first: "
+    "pip install torch --index-url https://download.pytorch.org/whl/cpu)"
+)
+
+
+def torch_missing(what: str) -> UsageError:
+    """The one line said when torch is needed and absent: what needed it, how to add it."""
+    return UsageError(
+        f"{what} needs PyTorch, which is not installed (reading .pt files, tensor transforms, "
+        "loading into a model and DCP do; check, fmt, inspect, plan, diff and renames of "
+        "safetensors files do not)",
+        code="CKM003",
+        hint=TORCH_HINT,
+    )
+
+
+def is_torch_missing(e: BaseException) -> bool:
+    return isinstance(e, ModuleNotFoundError) and (e.name or "").partition(".")[0] == "torch"
+
+
+def needs_torch(what: str) -> Any:
+    """Decorate a function that may need torch: without it, `torch_missing(what)`."""
+    import functools
+
+    def wrap(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except ModuleNotFoundError as e:
+                if not is_torch_missing(e):
+                    raise
+                raise torch_missing(what) from None
+
+        return call
+
+    return wrap
+
+
 # --- every code, in one place -----------------------------------------------------------------
 # code -> (the class that carries it, what it means). docs/language.md's error table is made
 # from this (docs/render_cli.py) and tests/test_errors.py checks that every code is raised
@@ -168,6 +210,10 @@ CODES: dict[str, tuple[type[CkptmapError], str]] = {
     "CKM002": (
         UsageError,
         'a per-call policy word that does not exist (`on_missing="skip"`; also a `ValueError`)',
+    ),
+    "CKM003": (
+        UsageError,
+        "what was asked needs PyTorch, which is not installed (the hint says how to add it)",
     ),
     "CKM100": (RuleSyntaxError, "rules that cannot be read (the class's code)"),
     "CKM101": (

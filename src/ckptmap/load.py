@@ -17,7 +17,7 @@ from .apply import (
     stream_into,
 )
 from .compile import compile
-from .errors import LoadError, UsageError
+from .errors import LoadError, UsageError, needs_torch
 from .history import History
 from .meta import local_piece
 from .report import render_problems
@@ -142,6 +142,7 @@ def _plan_into(model: Any, source: Any, rules: Any, policies: dict, from_: str |
     return compile(rules).plan(source, model, **policies)
 
 
+@needs_torch("ckptmap.migrate")
 def migrate(
     source: Any,
     rules: Any,
