@@ -207,3 +207,72 @@ def test_the_docs_screenshot_is_of_a_real_plan():
     assert plan.ok and len(plan.sources) == 39
     assert (root / "docs" / "images" / "plan-page.png").read_bytes()[:4] == b"\x89PNG"
     assert "images/plan-page.png" in (root / "docs" / "plan-page.md").read_text()
+
+
+def test_odd_keys_draw_and_mark_as_any_other(browser, tmp_path):
+    """A key that would open a script in HTML, keys named like JavaScript's own
+    properties, a key that is also a prefix, and a number past JavaScript's exact ones
+    (found by an adversarial pass)."""
+    source = {
+        "<!--<script>": (1,),
+        "__proto__": (1,),
+        "constructor": (1,),
+        "a": (1,),
+        "a.b": (1,),
+        **{f"l.{n}": (1,) for n in (3, 12345678901234567, 12345678901234568)},
+    }
+    target = {k: v for k, v in source.items() if k != "constructor"} | {"toString": (1,)}
+    plan = ckptmap.compile('rename "a.b" -> "z.b"\non unexpected warn\non missing warn').plan(
+        source, target
+    )
+    path = tmp_path / "odd.html"
+    path.write_text(plan_page(plan, "<!--<script> in the title"))
+    browser.open(path)
+    assert browser.errors() == []
+    assert browser.js("typeof window.ckptmap") == "object"
+    browser.click('.rule[data-rule="0"]')
+    shaded = browser.js(
+        "[...document.querySelectorAll('#source .row.part')].map(r => r.dataset.key)"
+    )
+    assert "a" in shaded  # folded, it holds the key the rule moved
+    browser.click("#expand")
+    assert set(browser.js("window.ckptmap.keys()")) >= {f"s:{k}" for k in source}
+    marks = browser.js(
+        "Object.fromEntries([...document.querySelectorAll('.row[data-key] .m')]"
+        ".map(m => [m.parentNode.dataset.side + ':' + m.parentNode.dataset.key, m.textContent]))"
+    )
+    assert "s:__proto__" not in marks and marks["s:constructor"] == "unexpected"
+    assert marks["t:toString"] == "missing"
+    labels = browser.js(
+        "[...document.querySelectorAll('.row.branch')].map(r => r.children[1].textContent)"
+    )
+    assert not any("12345678901234568}" in x for x in labels)  # long numbers are names
+
+
+def test_a_target_whose_provider_failed_is_marked_failed_not_missing():
+    plan = ckptmap.compile('rename "a" -> "x"\nrename "b" -> "x"').plan(
+        {"a": (1,), "b": (1,)}, {"x": (1,)}
+    )
+    assert plan_data(plan, "")["marks"] == {"x": "failed"}
+
+
+def test_the_page_is_never_written_over_an_included_rule_file_or_a_device(tmp_path):
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src.safetensors"
+    save_file({"a": torch.zeros(1)}, src)
+    (tmp_path / "sub.ckmap").write_text('rename "a" -> "b"\n')
+    main = tmp_path / "main.ckmap"
+    main.write_text('include "sub.ckmap"\n')
+    args = ["plan", str(main), "-s", str(src), "--overwrite", "--html"]
+    result = runner.invoke(app, [*args, str(tmp_path / "sub.ckmap")])
+    assert result.exit_code == 2 and "CKM530" in result.output
+    assert (tmp_path / "sub.ckmap").read_text() == 'rename "a" -> "b"\n'
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    result = runner.invoke(app, [*args, str(fifo)])
+    assert result.exit_code == 2 and "not a regular file" in result.output
+    assert fifo.is_fifo()

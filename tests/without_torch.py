@@ -106,6 +106,14 @@ def main() -> int:
     said = subprocess.run([sys.executable, "-c", library], capture_output=True, text=True)
     if not said.stdout.startswith("CKM003 pip install 'ckptmap[torch]'"):
         failures.append(f"ckptmap.migrate: {said.stdout}{said.stderr}")
+    for call in ("ckptmap.load_into(None, 'src.safetensors', '')", "import ckptmap.dcp"):
+        code = prefix + (
+            f"import ckptmap\ntry:\n    {call}\n"
+            "except ckptmap.CkptmapError as e:\n    print(e.code)\n"
+        )
+        said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if said.stdout.strip() != "CKM003":
+            failures.append(f"{call}: {said.stdout}{said.stderr}")
     check = prefix + "import ckptmap, ckptmap.cli, sys; print(sys.modules.get('torch') is not None)"
     imported = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
     if imported.stdout.strip() != "False":

@@ -459,7 +459,10 @@ def plan(
         if html_out is not None:
             _check_page(html_out, overwrite, [*rules, source, target])
         ckpt = open_checkpoint(source, select)
-        the_plan = compile(list(rules)).plan(
+        program = compile(list(rules))
+        if html_out is not None:  # nor over a file the rules include
+            _check_page(html_out, True, list(program.files))
+        the_plan = program.plan(
             ckpt.describe(), _target(target), on_unused="error" if strict else None
         )
         if html_out is not None:
@@ -1156,10 +1159,16 @@ def diff(
             if not (math.isfinite(tol) and tol >= 0):
                 raise typer.BadParameter(f"{tol}: a tolerance is a number >= 0", param_hint=name)
         if values:
+            from .errors import is_torch_missing, torch_missing
             from .values import compare
 
             common = [k for k in meta_a if k in meta_b and k not in changed]
-            differ = compare(ckpt_a, ckpt_b, common, atol, rtol)
+            try:
+                differ = compare(ckpt_a, ckpt_b, common, atol, rtol) if common else []
+            except ModuleNotFoundError as e:
+                if not is_torch_missing(e):
+                    raise
+                raise torch_missing("ckptmap diff --values") from None
             if differ:
                 console.print(f"values differ ({len(differ)}):")
                 for d in differ:

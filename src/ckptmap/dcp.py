@@ -34,7 +34,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
+try:
+    import torch
+except ModuleNotFoundError:  # `import ckptmap.dcp` says what to install, in one line
+    from .errors import torch_missing
+
+    raise torch_missing("ckptmap.dcp") from None
 import torch.distributed as dist
 from torch.distributed.checkpoint import (
     FileSystemReader,

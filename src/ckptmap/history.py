@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .apply import LOADING, apply_plan, opened, tensors_of, write_plan
 from .chain import Hop, compose, introduced, next_source, refuse_problems
 from .compile import Program, compile
-from .errors import CkptmapError, HistoryError, PlanError, UsageError, summarize
+from .errors import CkptmapError, HistoryError, PlanError, UsageError, needs_torch, summarize
 from .io import Checkpoint, describe
 from .io.write import provenance, write_text_atomically
 from .limits import check_text_size
@@ -944,6 +944,7 @@ def schema_text(revision: str, meta: Mapping[str, TensorMeta]) -> str:
     )
 
 
+@needs_torch("ckptmap.upgrade_on_load")
 def upgrade_on_load(model: torch.nn.Module, history: History | str | Path) -> Any:
     """Make `model.load_state_dict(old)` upgrade an old state_dict in memory first: a
     `load_state_dict` pre-hook finds the state_dict's revision and maps it through the

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .report import Report
 
 
+@needs_torch("ckptmap.load_into")
 def load_into(
     model: torch.nn.Module,
     source: Any,

@@ -79,8 +79,10 @@ def plan_data(plan: Plan, title: str) -> dict[str, Any]:
             )
     marks: dict[str, str] = {}  # target key -> what became of it, where not loaded
     for t in plan.targets or ():
-        if t.status != "loaded" or t.reason == "tied":
-            marks[t.target] = t.reason if t.reason in ("tied", "init", "mismatch") else t.status
+        if t.status != "loaded" or t.reason == "tied":  # its provider failed: not missing
+            marks[t.target] = (
+                t.reason if t.reason in ("tied", "init", "mismatch", "failed") else t.status
+            )
     return {
         "title": title,
         "fingerprint": plan.fingerprint,
@@ -117,8 +119,14 @@ def history_data(history: History, title: str) -> dict[str, Any]:
 
 
 def render(kind: str, data: dict[str, Any]) -> str:
-    """The page: its data inlined as JSON (`</` escaped so no key can end the script)."""
-    blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    """The page: its data inlined as JSON, `<`, `>` and `&` escaped (a key can hold
+    `</script>` or `<!--<script>`, which would end or swallow the script)."""
+    blob = (  # no `<`, `>` or `&` at all: no text in the data can end or open a script
+        json.dumps(data, separators=(",", ":"))
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+    )
     return (
         "<!doctype html>\n<html lang=en><head><meta charset=utf-8>\n"
         f"<title>{html.escape(data['title'])}</title>\n"
@@ -183,7 +191,7 @@ D.edges = D.edges || []; D.targets = D.targets || []; D.marks = D.marks || {}; /
 const colour = r => D.palette[((r % D.palette.length) + D.palette.length) % D.palette.length];
 const el = (tag, cls, text) => { const e = document.createElement(tag);
   if (cls) e.className = cls; if (text !== undefined) e.textContent = text; return e; };
-const NUM = /^(0|[1-9][0-9]{0,17})$/;
+const NUM = /^(0|[1-9][0-9]{0,14})$/; // numbers JavaScript holds exactly: longer ones are names
 function ranges(ns) { ns.sort((a, b) => a - b); const out = []; let s = ns[0], p = ns[0];
   for (const n of ns.slice(1).concat([null])) { if (n !== null && n === p + 1) { p = n; continue; }
     out.push(s === p ? `${s}` : p === s + 1 ? `${s},${p}` : `${s}..${p}`);
@@ -220,7 +228,9 @@ const targetKeys = new Set(D.targets);
 for (const e of D.edges) if (e.t !== null) targetKeys.add(e.t);
 for (const k of Object.keys(D.marks)) targetKeys.add(k);
 const T = tree([...targetKeys]);
-const sourceMarks = {}, targetMarks = Object.assign({}, D.marks), movedBy = new Map();
+// no prototype: a key named `constructor` or `__proto__` is a key like any other
+const sourceMarks = Object.create(null), targetMarks = Object.assign(Object.create(null), D.marks);
+const movedBy = new Map();
 for (const e of D.edges) {
   if (e.st !== "loaded") for (const s of e.s) sourceMarks[s] = e.st;
   if (e.t !== null && e.st !== "loaded" && e.st !== "skipped" && !(e.t in targetMarks))
@@ -311,12 +321,14 @@ function lines() {
     for (const s of e.s) { const a = visible(S, s);
       const k = `${a.id}|${b ? b.id : "x"}|${rule}`;
       let g = seen.get(k); if (!g) { g = { a, b, rule, n: 0, e }; seen.set(k, g); } g.n++; } }
+  const top = el => { const b = el.getBoundingClientRect(); return b.top + b.height / 2 - box.top; };
+  const drawn = []; // every position read before anything is drawn: one layout, not one a line
   for (const g of seen.values()) {
-    if (!g.a.el || (g.b && !g.b.el)) continue;
-    const ya = g.a.el.getBoundingClientRect(), x1 = l.right - box.left, y1 = ya.top + ya.height / 2 - box.top;
-    let x2, y2;
-    if (g.b) { const yb = g.b.el.getBoundingClientRect(); x2 = r.left - box.left; y2 = yb.top + yb.height / 2 - box.top; }
-    else { x2 = x1 + 40; y2 = y1; }
+    if (!g.a.el || (g.b && !g.b.el) || g.a.el.offsetParent === null) continue;
+    drawn.push([g, top(g.a.el), g.b ? top(g.b.el) : null]); }
+  const out = document.createDocumentFragment(), x1 = l.right - box.left, xr = r.left - box.left;
+  for (const [g, y1, yb] of drawn) {
+    const x2 = g.b ? xr : x1 + 40, y2 = g.b ? yb : y1;
     const p = document.createElementNS(svg.namespaceURI, "path");
     const c = (x1 + x2) / 2;
     p.setAttribute("d", `M${x1},${y1} C${c},${y1} ${c},${y2} ${x2},${y2}`);
@@ -324,13 +336,14 @@ function lines() {
     if (!g.b) p.setAttribute("stroke-dasharray", "3 3");
     p.dataset.rule = g.rule; p.dataset.count = g.n;
     if (current !== null) p.classList.add(g.rule === current || g.e.rs.includes(current) ? "hl" : "dim");
-    svg.append(p);
+    out.append(p);
     const label = g.n > 1 ? (g.e.op ? `${g.n} x ${g.e.op}` : "") : [g.e.op, g.e.sh].filter(Boolean).join("  ");
     const ly = (y1 + y2) / 2 - 3;
     if (label && g.b && !labelled.some(y => Math.abs(y - ly) < 12)) { labelled.push(ly);
       const t = document.createElementNS(svg.namespaceURI, "text");
       t.setAttribute("x", c - 100); t.setAttribute("y", ly); t.textContent = label.slice(0, 40);
-      t.dataset.rule = g.rule; svg.append(t); } } }
+      t.dataset.rule = g.rule; out.append(t); } }
+  svg.append(out); }
 function highlight(rule) {
   current = rule;
   for (const b of document.querySelectorAll(".rule")) { const on = +b.dataset.rule === rule;
@@ -343,8 +356,8 @@ function highlight(rule) {
   for (const row of document.querySelectorAll(".row")) {
     row.classList.remove("hl", "part");
     if (rule === null) continue;
-    if (row.dataset.key !== undefined) { if (moved.has(row.dataset.side + ":" + row.dataset.key)) row.classList.add("hl"); }
-    else if (touched.has(row._node.id)) row.classList.add("part"); }
+    if (row.dataset.key !== undefined && moved.has(row.dataset.side + ":" + row.dataset.key)) row.classList.add("hl");
+    else if (row.classList.contains("branch") && touched.has(row._node.id)) row.classList.add("part"); }
   schedule(); }
 function openTo(root, key, side, marks) { let cur = root;
   for (const seg of key.split(".")) { const k = cur.kids.get(seg);

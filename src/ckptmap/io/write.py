@@ -101,6 +101,11 @@ def check_text_destination(path: Path, overwrite: bool = False) -> None:
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder", code="CKM531")
+    if os.path.exists(path) and not path.is_file():  # a FIFO, a socket, a device (/dev/null)
+        raise CheckpointError(
+            f"{path}: not a regular file (a device, a FIFO or a socket): it is never replaced",
+            code="CKM531",
+        )
     if not overwrite:
         refuse_replacing(path)
     if not path.parent.is_dir():
