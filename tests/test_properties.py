@@ -357,6 +357,25 @@ def test_planning_in_columns_equals_planning_key_by_key(rules, source, target):
     assert fast.to_json() == slow.to_json()
 
 
+json_values = st.recursive(
+    st.none() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.tuples(inner, inner),
+    max_leaves=8,
+)
+
+
+@given(st.lists(st.tuples(json_values, json_values, json_values), max_size=6))
+@settings(max_examples=500, deadline=None)
+def test_the_fingerprints_fast_encoding_gives_json_s_bytes(rows):
+    """Rows of the planner's kinds (text of any characters, whole numbers of any size,
+    None, lists) encode to the bytes json.dumps gives, whichever encoder does it."""
+    import json
+
+    from ckptmap.plan import _encoded
+
+    assert _encoded(rows) == json.dumps(rows, separators=(",", ":"))[1:-1].encode()
+
+
 # --- string patterns: the linear matcher agrees with the regex that defines them -------------
 
 from ckptmap.patterns import Matcher, _glob_to_regex, _match_segments, _segments_of  # noqa: E402

@@ -529,13 +529,14 @@ def _digest(values: Any, sources: Any, outputs: Any, eager: list[bytes]) -> str:
     def feed_rows(held: Any, fields: str) -> None:
         """A table's rows as one JSON array, encoded a slice at a time (a million rows'
         text never held at once): the bytes `_section` would give for the whole list."""
-        rows = held.rows() if isinstance(held, Columns) else map(attrgetter(*fields.split()), held)
+        columns = isinstance(held, Columns)
+        rows = held.rows() if columns else map(attrgetter(*fields.split()), held)
         digest.update(b"[")
         first = True
         while chunk := list(islice(rows, 4096)):
             if not first:
                 digest.update(b",")
-            digest.update(_dumps(chunk)[1:-1].encode())
+            digest.update(_encoded(chunk) if columns else _dumps(chunk)[1:-1].encode())
             first = False
         digest.update(b"]\n")
 
@@ -548,6 +549,29 @@ def _digest(values: Any, sources: Any, outputs: Any, eager: list[bytes]) -> str:
         feed_rows(outputs, "target value shape dtype sources status reason rules")
         digest.update(targets + problems + tail)
     return "sha256:" + digest.hexdigest()
+
+
+def _encoded(rows: list) -> bytes:
+    """Rows the planner made (strings, whole numbers, None, lists of them), encoded as
+    `_dumps` encodes them, without the brackets. orjson, seven times faster, gives the same
+    bytes for such rows when they are all ASCII without DEL (json escapes the rest) and
+    every number fits 64 bits (orjson refuses the rest); anything else goes through json."""
+    if _orjson is not None:
+        try:
+            out = _orjson.dumps(rows)
+        except TypeError:  # a number past 64 bits, a lone surrogate
+            pass
+        else:
+            if out.isascii() and b"\x7f" not in out:
+                return out[1:-1]
+    return _dumps(rows)[1:-1].encode()
+
+
+_orjson: Any
+try:
+    import orjson as _orjson
+except ImportError:  # the same bytes, more slowly
+    _orjson = None
 
 
 _KINDS = {
