@@ -174,6 +174,50 @@ def test_the_history_page_draws_every_revision(browser, tmp_path):
     assert browser.errors() == []
     drawn = browser.js("[...document.querySelectorAll('.rev')].map(r => r.dataset.revision)")
     assert sorted(drawn) == sorted(p.stem for p in folder.glob("*.ckmap"))
+    edges = browser.js(
+        "[...document.querySelectorAll('svg path.edge')].map(e => [e.dataset.from, e.dataset.to])"
+    )
+    assert sorted(map(tuple, edges)) == [
+        ("0001-base", "0002-rename"),
+        ("0002-rename", "0003-add-layer"),
+        ("0003-add-layer", "0004-grow-head"),
+        ("0004-grow-head", "0005-fuse-qkv"),
+    ]
+    browser.screenshot(tmp_path / "history.png")
+
+
+def test_the_history_page_draws_branches_and_merges(browser, tmp_path):
+    from test_history import write_history
+
+    from ckptmap.meta import TensorMeta
+
+    folder = write_history(  # the merge of tests/test_history.py's branchy history
+        tmp_path / "m",
+        [
+            ("a", (), ""),
+            ("b", ("a",), 'rename "w" -> "weight"\n'),
+            ("c", ("a",), 'rename "b" -> "bias"\n'),
+            ("d", ("b", "c"), 'rename "w" -> "weight"\nrename "b" -> "bias"\n'),
+        ],
+        {"a": {"w": TensorMeta((2, 3), "float32"), "b": TensorMeta((3,), "float32")}},
+    )
+    from ckptmap.history import History
+    from ckptmap.page import history_page
+
+    out = tmp_path / "h.html"
+    out.write_text(history_page(History(folder)))
+    browser.open(out)
+    assert browser.errors() == []
+    edges = browser.js(
+        "[...document.querySelectorAll('svg path.edge')].map(e => [e.dataset.from, e.dataset.to])"
+    )
+    assert sorted(map(tuple, edges)) == [("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")]
+    lanes = browser.js(
+        "[...document.querySelectorAll('svg circle')].map(c => +c.getAttribute('cx'))"
+    )
+    assert len(set(lanes)) == 2  # the branch drawn beside its sibling
+    text = browser.js("document.querySelector('.rev').textContent")
+    assert text.startswith("@ d") and "merge of b, c" in text
 
 
 @pytest.mark.slow

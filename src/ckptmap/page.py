@@ -180,7 +180,8 @@ svg{position:absolute;top:0;left:0;pointer-events:none;overflow:visible}
 svg path{fill:none;stroke-width:1.6;opacity:.75}
 svg path.dim{opacity:.12}svg path.hl{stroke-width:3.2;opacity:1}
 svg text{font:10px monospace;fill:#444}
-.graph .rev{font-family:monospace;padding:4px 8px;margin:4px 0;background:#fff;
+.graph svg path.edge{stroke-width:2.5;opacity:.9}
+.graph .rev{font-family:monospace;padding:3px 8px;margin:0 0 8px;background:#fff;box-sizing:border-box;
 border:1px solid #ccc;border-left:6px solid;border-radius:3px;width:fit-content}
 """
 
@@ -380,13 +381,33 @@ function find(text, out) {
       const leaf = openTo(root, key, side, marks); if (leaf.el) leaf.el.classList.add("found"); } }
   out.textContent = `${n} key${n === 1 ? "" : "s"}` + (n > 200 ? " (the first 200 opened)" : ""); }
 
-function drawHistory() {
+function drawHistory() { // the graph, newest first: a node per revision, a line per parent
   const g = el("main", "graph"); g.style.display = "block"; document.body.append(g);
-  const index = new Map(D.revisions.map((r, i) => [r.id, i]));
-  for (const r of D.revisions.slice().reverse()) { const b = el("div", "rev");
-    b.dataset.revision = r.id; b.style.borderLeftColor = colour(index.get(r.id));
-    b.style.marginLeft = `${Math.max(0, r.parents.length - 1) * 24}px`;
-    b.textContent = `${r.head ? "@" : "o"} ${r.id}  ${r.parents.length ? "from " + r.parents.join(", ") + ": " : "base, "}${r.said}`;
+  const lane = new Map(), taken = new Set(); // a revision goes on its first parent's lane
+  for (const r of D.revisions) { const p = r.parents[0];
+    let l = p !== undefined && !taken.has(p) ? lane.get(p) : undefined;
+    if (p !== undefined) taken.add(p);
+    if (l === undefined) l = lane.size ? Math.max(...lane.values()) + (p === undefined ? 0 : 1) : 0;
+    lane.set(r.id, l); }
+  const rows = D.revisions.slice().reverse(), ROW = 34, LANE = 22;
+  const width = (Math.max(0, ...lane.values()) + 1) * LANE + 12;
+  const y = new Map(rows.map((r, i) => [r.id, i * ROW + ROW / 2])), x = id => 12 + lane.get(id) * LANE;
+  const NS = "http://www.w3.org/2000/svg", graph = document.createElementNS(NS, "svg");
+  graph.setAttribute("width", width); graph.setAttribute("height", rows.length * ROW);
+  graph.style.position = "absolute"; graph.style.left = "16px"; graph.style.top = "8px";
+  for (const r of rows) for (const p of r.parents) { const e = document.createElementNS(NS, "path");
+    const [x1, y1, x2, y2] = [x(p), y.get(p), x(r.id), y.get(r.id)];
+    e.setAttribute("d", `M${x1},${y1} C${x1},${(y1 + y2) / 2} ${x2},${(y1 + y2) / 2} ${x2},${y2}`);
+    e.setAttribute("stroke", colour(lane.get(r.id))); e.classList.add("edge");
+    e.dataset.from = p; e.dataset.to = r.id; graph.append(e); }
+  for (const r of rows) { const c = document.createElementNS(NS, "circle");
+    c.setAttribute("cx", x(r.id)); c.setAttribute("cy", y.get(r.id)); c.setAttribute("r", r.head ? 7 : 5);
+    c.setAttribute("fill", colour(lane.get(r.id))); graph.append(c); }
+  g.style.position = "relative"; g.append(graph);
+  for (const r of rows) { const b = el("div", "rev");
+    b.dataset.revision = r.id; b.style.borderLeftColor = colour(lane.get(r.id));
+    b.style.marginLeft = `${width + 8}px`; b.style.height = `${ROW - 8}px`;
+    b.textContent = `${r.head ? "@ " : ""}${r.id}  ${r.parents.length ? (r.parents.length > 1 ? "merge of " : "from ") + r.parents.join(", ") + ": " : "base, "}${r.said}`;
     g.append(b); } }
 
 head = el("header");
