@@ -137,34 +137,50 @@ def test_the_textmate_grammar_compiles_and_knows_every_word():
 
 
 def _scopes(line: str) -> list[tuple[str, str]]:
-    """A line scoped as a TextMate engine does with this grammar's top-level patterns:
-    leftmost match first, the first pattern on a tie; a begin/end pair as one span."""
+    """A line scoped as a TextMate engine does with this grammar: leftmost match first, the
+    first pattern on a tie; a begin/end pair with patterns of its own scans inside it, one
+    without is a single span."""
     grammar = _textmate()
-    rules = [grammar["repository"][p["include"][1:]] for p in grammar["patterns"]]
-    out, at = [], 0
-    while at < len(line):
-        best = None
-        for rule in rules:
-            m = re.compile(rule.get("match") or rule["begin"]).search(line, at)
-            if m and (best is None or m.start() < best[1].start()):
-                best = (rule, m)
-        if best is None:
-            break
-        rule, m = best
-        end = m.end()
-        if "begin" in rule:
-            close = re.compile(rule["end"]).search(line, end)
-            end = close.end() if close else len(line)
-        if "captures" in rule:
-            out += [
-                (rule["captures"][str(k)]["name"], m.group(k))
-                for k in range(1, m.re.groups + 1)
-                if str(k) in rule["captures"]
-            ]
-        else:
-            out.append((rule["name"], line[m.start() : end]))
-        at = max(end, at + 1)
-    return out
+
+    def rules_of(patterns: list) -> list:
+        return [grammar["repository"][p["include"][1:]] if "include" in p else p for p in patterns]
+
+    def scan(at: int, rules: list, end: re.Pattern | None) -> tuple[list, int]:
+        out = []
+        while at < len(line):
+            close = end.search(line, at) if end else None
+            best = None
+            for rule in rules:
+                m = re.compile(rule.get("match") or rule["begin"]).search(line, at)
+                if m and (best is None or m.start() < best[1].start()):
+                    best = (rule, m)
+            if close and (best is None or close.start() <= best[1].start()):
+                return out, close.end()
+            if best is None:
+                break
+            rule, m = best
+            if "begin" in rule and "beginCaptures" in rule:
+                caps = rule["beginCaptures"]
+                out += [(caps[k]["name"], m.group(int(k))) for k in caps]
+                inner, at = scan(m.end(), rules_of(rule["patterns"]), re.compile(rule["end"]))
+                out += inner
+                continue
+            stop = m.end()
+            if "begin" in rule:
+                closing = re.compile(rule["end"]).search(line, stop)
+                stop = closing.end() if closing else len(line)
+            if "captures" in rule:
+                out += [
+                    (rule["captures"][str(k)]["name"], m.group(k))
+                    for k in range(1, m.re.groups + 1)
+                    if str(k) in rule["captures"]
+                ]
+            else:
+                out.append((rule["name"], line[m.start() : stop]))
+            at = max(stop, at + 1)
+        return out, len(line)
+
+    return scan(0, rules_of(grammar["patterns"]), None)[0]
 
 
 @pytest.mark.parametrize("path", RULE_FILES, ids=lambda p: p.name)
@@ -192,6 +208,24 @@ def test_the_textmate_grammar_scopes_ops_policies_and_regexes():
     assert ("entity.name.function.op.ckmap", "transpose") in scopes
     assert ("constant.numeric.ckmap", "1") in scopes
     assert scopes[-1] == ("comment.line.number-sign.ckmap", "# swap")
+    # strip, prefix, include and revision take plain text: no capture, no wildcard inside
+    assert _scopes('strip "a.{x}*"  # c') == [
+        ("keyword.control.statement.ckmap", "strip"),
+        ("string.quoted.double.ckmap", '"a.{x}*"'),
+        ("comment.line.number-sign.ckmap", "# c"),
+    ]
+    assert ("keyword.control.statement.ckmap", "from") in _scopes('revision "2" from "1", "1b"')
+
+
+def test_the_lexer_reads_literal_strings_as_plain_text():
+    from pygments.token import Keyword, String
+
+    from ckptmap.highlight import CkmapLexer
+
+    tokens = [(t, v) for t, v in CkmapLexer().get_tokens('strip "a.{x}*"\n') if v.strip()]
+    assert tokens == [(Keyword, "strip"), *[(String.Double, v) for v in ('"', "a.{x}*", '"')]]
+    revision = list(CkmapLexer().get_tokens('revision "2" from "1", "1b"\n'))
+    assert (Keyword, "from") in revision
 
 
 # --- the docs as a site ----------------------------------------------------------------------

@@ -38,6 +38,8 @@ STATEMENTS = (
     "optional",
     "ckptmap",
 )
+# the statements whose strings are literal text (a prefix, a file, a revision id)
+LITERAL = ("strip", "prefix", "include", "revision")
 POLICY = "on"
 JOINERS = ("from",)
 
@@ -61,6 +63,8 @@ class CkmapLexer(RegexLexer):
                 r"\b(on)(\s+)([A-Za-z_][\w-]*)(\s+)([A-Za-z_][\w-]*)",
                 bygroups(Keyword, Whitespace, Name.Label, Whitespace, Name.Constant),
             ),
+            # their strings are plain text: no captures, no wildcards
+            (r"\b(" + "|".join(LITERAL) + r")\b", Keyword, "literal"),
             (r"\b(" + "|".join(STATEMENTS) + r")\b", Keyword),
             (r"\b(" + "|".join(JOINERS) + r")\b", Keyword),
             (r"->", Operator),
@@ -84,6 +88,21 @@ class CkmapLexer(RegexLexer):
             (r"[{}]", String.Double),
             (r'"', String.Double, "#pop"),
             (r"\n", Whitespace, "#pop"),  # a string cut by the line's end: the parser says so
+        ],
+        "literal": [
+            (r"[ \t\f]+", Whitespace),
+            (r'"', String.Double, "plain"),
+            (r"\b(" + "|".join(JOINERS) + r")\b", Keyword),
+            (r",", Punctuation),
+            (r"#.*$", Comment.Single),
+            (r"\r?\n", Whitespace, "#pop"),
+            (r".", Text),
+        ],
+        "plain": [
+            (r"\\[^\n]", String.Escape),
+            (r'[^"\\\n]+', String.Double),
+            (r'"', String.Double, "#pop"),
+            (r"\n", Whitespace, "#pop:2"),
         ],
         "op": [
             (r"[ \t\f]+", Whitespace),
