@@ -320,3 +320,17 @@ def test_the_page_is_never_written_over_an_included_rule_file_or_a_device(tmp_pa
     result = runner.invoke(app, [*args, str(fifo)])
     assert result.exit_code == 2 and "not a regular file" in result.output
     assert fifo.is_fifo()
+
+
+def test_siblings_that_differ_in_a_trailing_number_fold(browser, tmp_path):
+    keys = {f"layer{i}.0.conv.weight": (1,) for i in range(1, 5)} | {"w_7": (1,), "fc.weight": (1,)}
+    keys |= {f"w_{i}": (1,) for i in range(10, 13)}
+    path = tmp_path / "fold.html"
+    path.write_text(plan_page(ckptmap.compile("").plan(keys)))
+    browser.open(path)
+    rows = browser.js(
+        "[...document.querySelectorAll('#source .row')].map(r => r.children[1].textContent)"
+    )
+    assert rows == ["layer{1..4}", "w_{7,10..12}", "fc"]
+    browser.click("#expand")
+    assert set(browser.js("window.ckptmap.keys()")) >= {f"s:{k}" for k in keys}

@@ -192,7 +192,8 @@ D.edges = D.edges || []; D.targets = D.targets || []; D.marks = D.marks || {}; /
 const colour = r => D.palette[((r % D.palette.length) + D.palette.length) % D.palette.length];
 const el = (tag, cls, text) => { const e = document.createElement(tag);
   if (cls) e.className = cls; if (text !== undefined) e.textContent = text; return e; };
-const NUM = /^(0|[1-9][0-9]{0,14})$/; // numbers JavaScript holds exactly: longer ones are names
+// a segment's trailing index, up to what JavaScript holds exactly (longer runs are names)
+const TRAIL = /^([^0-9]*?)(0|[1-9][0-9]{0,14})$/;
 function ranges(ns) { ns.sort((a, b) => a - b); const out = []; let s = ns[0], p = ns[0];
   for (const n of ns.slice(1).concat([null])) { if (n !== null && n === p + 1) { p = n; continue; }
     out.push(s === p ? `${s}` : p === s + 1 ? `${s},${p}` : `${s}..${p}`);
@@ -210,19 +211,24 @@ function tree(keys) { const root = node("", "", null); root.open = true;
       cur = k; cur.keys++; }
     cur.leaf = true; cur.key = key; }
   return root; }
-function groupsOf(n) { // the rows under n: numbered siblings folded into one group row
-  if (n.rows) return n.rows;
-  const nums = [], rest = [];
-  for (const k of n.kids.values()) (NUM.test(k.seg) ? nums : rest).push(k);
+function groupsOf(n) { // the rows under n: siblings that differ only in a trailing number
+  if (n.rows) return n.rows; //   (`3`, `layer3`, `w_3`) folded into one row per head
+  const heads = new Map(), rest = [];
+  for (const k of n.kids.values()) { const m = TRAIL.exec(k.seg);
+    if (!m) { rest.push(k); continue; }
+    if (!heads.has(m[1])) heads.set(m[1], []);
+    heads.get(m[1]).push([+m[2], k]); }
+  const rows = [];
+  for (const [head, found] of [...heads].sort((a, b) => a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0)) {
+    if (found.length < 2) { rest.push(found[0][1]); continue; }
+    found.sort((a, b) => a[0] - b[0]);
+    const g = { id: nextId++, group: null, isGroup: true, open: false, el: null, parent: n,
+      members: found.map(f => f[1]), keys: found.reduce((s, f) => s + f[1].keys, 0),
+      label: head + ranges(found.map(f => f[0])) };
+    for (const f of found) f[1].group = g;
+    rows.push(g); }
   rest.sort((a, b) => a.seg < b.seg ? -1 : a.seg > b.seg ? 1 : 0);
-  nums.sort((a, b) => +a.seg - +b.seg);
-  const rows = rest.slice();
-  if (nums.length > 1) { const g = { id: nextId++, group: null, isGroup: true, open: false,
-      el: null, parent: n, members: nums, keys: nums.reduce((s, k) => s + k.keys, 0),
-      label: ranges(nums.map(k => +k.seg)) };
-    for (const k of nums) k.group = g; rows.unshift(g); }
-  else rows.unshift(...nums);
-  n.rows = rows; return rows; }
+  n.rows = rows.concat(rest); return n.rows; }
 
 const S = tree([...new Set(D.edges.flatMap(e => e.s))]);
 const targetKeys = new Set(D.targets);
