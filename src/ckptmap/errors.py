@@ -6,6 +6,7 @@ offending source line with a caret under the column, like a compiler.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -179,7 +180,6 @@ def is_torch_missing(e: BaseException) -> bool:
 
 def needs_torch(what: str) -> Any:
     """Decorate a function that may need torch: without it, `torch_missing(what)`."""
-    import functools
 
     def wrap(fn: Any) -> Any:
         @functools.wraps(fn)

@@ -211,9 +211,6 @@ def _maker(kind: type) -> Any:
     return scope["make"]
 
 
-_LAZY = ("values", "sources", "outputs")
-
-
 class Plan:
     """The program bound to concrete keys. Plain data: print it, diff it, save it as JSON.
 
